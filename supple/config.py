@@ -1,0 +1,184 @@
+"""`SuppleConfig`: every knob of supple, one dataclass, validated on construction.
+
+All fields are plain types so that `transformers.HfArgumentParser` / `trl.TrlParser` can parse them
+from the command line, and so that a TRL config can mix them in::
+
+    @dataclass
+    class MyConfig(SuppleConfig, SFTConfig):
+        pass
+
+    args = MyConfig(output_dir="out", diversity_weight=0.05)
+    trainer = SFTTrainer(..., args=args, callbacks=[SuppleCallback()])   # reads the fields from args
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+DIVERSITY_PENALTIES = ("ipr", "decov", "vicreg")
+REFRESH_METHODS = ("shrink_perturb", "relora", "redo")
+
+# Fields whose behaviour has not landed yet: a non-default value raises NotImplementedError instead of
+# silently doing nothing. Shrinks as features land.
+_NOT_IMPLEMENTED: dict[str, str] = {
+    "replay_data": "mixed-domain replay",
+    "refresh_method": "feature refresh",
+}
+
+
+@dataclass
+class SuppleConfig:
+    """Settings of the supple interventions and live metrics.
+
+    A weight of 0 turns its term off; with every weight at 0 the callback changes nothing.
+    """
+
+    diversity_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight λ of the representation-diversity penalty on hidden states (0 = off)."},
+    )
+    diversity_penalty: str = field(
+        default="ipr",
+        metadata={"help": "Diversity penalty: 'ipr' (inverse participation ratio), 'decov' or 'vicreg'."},
+    )
+    diversity_layers: list[int] = field(
+        default_factory=lambda: [-1],
+        metadata={"help": "Decoder-block indices whose outputs are regularized; negative counts from the end."},
+    )
+    diversity_max_tokens: int = field(
+        default=1024,
+        metadata={"help": "Tokens sampled per micro-batch and layer for the penalty (0 = all non-padding tokens)."},
+    )
+    diversity_normalize_tokens: bool = field(
+        default=True,
+        metadata={"help": "Scale each token vector to unit length before the penalty (robust to massive activations)."},
+    )
+    decorrelation_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the intra-adapter LoRA decorrelation penalty (rows of each A made orthogonal)."},
+    )
+    decorrelation_cross_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the cross-stage penalty: LoRA A rows kept out of earlier stages' subspaces."},
+    )
+    previous_adapters: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Paths of earlier stages' PEFT LoRA adapters or saved update subspaces (safetensors)."},
+    )
+    previous_subspace_rank: int = field(
+        default=0,
+        metadata={"help": "Keep at most this many directions per module from each earlier stage (0 = all)."},
+    )
+    replay_data: Optional[str] = field(
+        default=None,
+        metadata={"help": "Replay corpus: a .txt/.jsonl/.parquet file or 'builtin:pydoc' (None = off)."},
+    )
+    replay_weight: float = field(default=0.1, metadata={"help": "Weight of the replay LM loss."})
+    replay_every: int = field(default=4, metadata={"help": "Add a replay batch every N optimizer steps."})
+    replay_batch_size: int = field(default=4, metadata={"help": "Sequences per replay batch."})
+    refresh_method: Optional[str] = field(
+        default=None,
+        metadata={"help": "Feature refresh: 'shrink_perturb', 'relora', 'redo' or None (off)."},
+    )
+    refresh_every: int = field(default=200, metadata={"help": "Refresh every N optimizer steps."})
+    metrics_every: int = field(
+        default=0,
+        metadata={"help": "Log effective rank / anisotropy of the tapped layers every N steps (0 = off)."},
+    )
+
+    def __post_init__(self) -> None:
+        validate_supple_fields(self)
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:  # cooperative with TrainingArguments when mixed in
+            parent()
+
+
+def supple_field_names() -> list[str]:
+    return [f.name for f in fields(SuppleConfig)]
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"SuppleConfig.{name}={value!r} is invalid: {allowed}.")
+
+
+def _check_weight(cfg: Any, name: str) -> None:
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        _fail(name, v, "expected a number >= 0")
+    if not math.isfinite(v) or v < 0:
+        _fail(name, v, "expected a finite number >= 0 (0 turns the term off)")
+
+
+def _check_int(cfg: Any, name: str, minimum: int) -> None:
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, int):
+        _fail(name, v, f"expected an integer >= {minimum}")
+    if v < minimum:
+        _fail(name, v, f"expected an integer >= {minimum}")
+
+
+def validate_supple_fields(cfg: Any) -> None:
+    """Validate the supple fields of `cfg` (a SuppleConfig or a TRL config that mixes it in)."""
+    for name in ("diversity_weight", "decorrelation_weight", "decorrelation_cross_weight", "replay_weight"):
+        _check_weight(cfg, name)
+    if cfg.diversity_penalty not in DIVERSITY_PENALTIES:
+        _fail("diversity_penalty", cfg.diversity_penalty, f"allowed values are {', '.join(DIVERSITY_PENALTIES)}")
+    layers = cfg.diversity_layers
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = cfg.diversity_layers = [layers]
+    if (
+        not isinstance(layers, (list, tuple))
+        or not layers
+        or any(isinstance(i, bool) or not isinstance(i, int) for i in layers)
+    ):
+        _fail("diversity_layers", layers, "expected a non-empty list of decoder-block indices, e.g. [-1] or [15, -1]")
+    if len(set(layers)) != len(layers):
+        _fail("diversity_layers", layers, "indices must be distinct")
+    cfg.diversity_layers = list(layers)
+    _check_int(cfg, "diversity_max_tokens", 0)
+    if cfg.diversity_max_tokens == 1:
+        _fail("diversity_max_tokens", 1, "expected 0 (all tokens) or at least 2: a covariance needs two tokens")
+    if not isinstance(cfg.diversity_normalize_tokens, bool):
+        _fail("diversity_normalize_tokens", cfg.diversity_normalize_tokens, "expected True or False")
+    prev = cfg.previous_adapters
+    if isinstance(prev, str):
+        prev = cfg.previous_adapters = [prev]
+    if prev is None:
+        prev = cfg.previous_adapters = []
+    if not isinstance(prev, (list, tuple)) or any(not isinstance(p, str) or not p for p in prev):
+        _fail("previous_adapters", prev, "expected a list of paths to saved adapters or subspaces")
+    cfg.previous_adapters = list(prev)
+    _check_int(cfg, "previous_subspace_rank", 0)
+    if cfg.replay_data is not None and (not isinstance(cfg.replay_data, str) or not cfg.replay_data):
+        _fail("replay_data", cfg.replay_data, "expected a file path or 'builtin:pydoc'")
+    _check_int(cfg, "replay_every", 1)
+    _check_int(cfg, "replay_batch_size", 1)
+    if cfg.refresh_method is not None and cfg.refresh_method not in REFRESH_METHODS:
+        _fail("refresh_method", cfg.refresh_method, f"allowed values are {', '.join(REFRESH_METHODS)} or None")
+    _check_int(cfg, "refresh_every", 1)
+    _check_int(cfg, "metrics_every", 0)
+    defaults = {f.name: (f.default_factory() if callable(f.default_factory) else f.default) for f in fields(SuppleConfig)}
+    for name, what in _NOT_IMPLEMENTED.items():
+        if getattr(cfg, name) != defaults[name]:
+            raise NotImplementedError(
+                f"SuppleConfig.{name}={getattr(cfg, name)!r}: {what} is not implemented in this version of supple "
+                f"yet; leave {name} at its default ({defaults[name]!r})."
+            )
+
+
+def extract_supple_config(obj: Any) -> SuppleConfig:
+    """Build a SuppleConfig from any object carrying the supple fields (e.g. a mixed-in TRL config)."""
+    if isinstance(obj, SuppleConfig) and type(obj) is SuppleConfig:
+        return obj
+    names = supple_field_names()
+    missing = [n for n in names if not hasattr(obj, n)]
+    if missing:
+        raise ValueError(
+            "SuppleCallback() without a config reads its settings from the trainer's args, but "
+            f"{type(obj).__name__} has no supple fields (missing: {', '.join(missing[:4])}...). Either pass "
+            "SuppleCallback(SuppleConfig(...)), or mix the fields into your config: "
+            "`@dataclass class MyConfig(SuppleConfig, SFTConfig): pass`."
+        )
+    return SuppleConfig(**{n: getattr(obj, n) for n in names})
