@@ -1,0 +1,128 @@
+"""LoRA update decorrelation: gradients of the intra- and cross-stage penalties added to LoRA A.
+
+Modules are grouped by the shape of their A matrix; each group is one batched computation
+(:func:`supple.regularizers.lora_penalties`), not a Python loop over modules. The gradient
+λ·∂D/∂A (times the GradScaler scale) is added to ``A.grad`` at the start of each optimizer step's
+accumulation window, so it is clipped and stepped together with the task gradient, exactly once per
+optimizer step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..modeling import LoraModuleRef, find_lora_modules
+from ..regularizers.lora import lora_penalties
+
+
+@dataclass
+class _Group:
+    params: list[torch.nn.Parameter]
+    bases: torch.Tensor | None  # (M, d_in, k) or None
+    has_basis: torch.Tensor  # (M,) bool
+
+
+class LoraDecorrelation:
+    def __init__(self, intra_weight: float, cross_weight: float) -> None:
+        self.intra_weight = float(intra_weight)
+        self.cross_weight = float(cross_weight)
+        self.groups: list[_Group] = []
+        self.modules: list[LoraModuleRef] = []
+        self.num_modules = 0
+        self.num_with_basis = 0
+        self.values: list[tuple[float, float | None]] = []
+
+    def setup(self, model: torch.nn.Module, bases: dict[str, torch.Tensor] | None) -> None:
+        refs = find_lora_modules(model)
+        if not refs:
+            raise ValueError(
+                "SuppleConfig.decorrelation_weight/decorrelation_cross_weight > 0 need a PEFT LoRA model, but "
+                "the model has no LoRA modules. Pass `peft_config=LoraConfig(...)` to the trainer (or a "
+                "PeftModel), or set both weights to 0."
+            )
+        refs = [r for r in refs if r.lora_a.requires_grad]
+        self.modules = refs
+        bases = bases or {}
+        if self.cross_weight > 0 and bases:
+            for r in refs:
+                u = bases.get(r.name)
+                if u is not None and u.shape[0] != r.lora_a.shape[1]:
+                    raise ValueError(
+                        f"SuppleConfig.previous_adapters: module {r.name!r} has input size {r.lora_a.shape[1]} "
+                        f"but the previous stage's subspace has {u.shape[0]}: the adapters come from different models."
+                    )
+            if not any(r.name in bases for r in refs):
+                some = ", ".join(sorted(bases)[:3])
+                raise ValueError(
+                    "SuppleConfig.previous_adapters: none of the current LoRA modules appears in the previous "
+                    f"stages' subspaces (e.g. {some}); check that they were trained on the same base model."
+                )
+        by_shape: dict[tuple[int, ...], list[LoraModuleRef]] = {}
+        for r in refs:
+            by_shape.setdefault((tuple(r.lora_a.shape), r.lora_a.device, r.lora_a.dtype), []).append(r)
+        self.groups = []
+        self.num_with_basis = 0
+        for (shape, device, _), members in by_shape.items():
+            d_in = shape[1]
+            group_bases = None
+            has = torch.tensor([m.name in bases for m in members])
+            if self.cross_weight > 0 and bool(has.any()):
+                k = max(bases[m.name].shape[1] for m in members if m.name in bases)
+                group_bases = torch.zeros(len(members), d_in, k)
+                for i, m in enumerate(members):
+                    if m.name in bases:
+                        u = bases[m.name]
+                        group_bases[i, :, : u.shape[1]] = u
+                group_bases = group_bases.to(device)
+                self.num_with_basis += int(has.sum())
+            self.groups.append(_Group([m.lora_a for m in members], group_bases, has))
+        self.num_modules = len(refs)
+
+    @torch.no_grad()
+    def measure(self) -> tuple[float, float | None]:
+        """Current (mean intra, mean cross) without touching gradients."""
+        intra_sum, cross_sum = 0.0, 0.0
+        for g in self.groups:
+            intra, cross = lora_penalties(torch.stack([p.detach() for p in g.params]), g.bases)
+            intra_sum += float(intra.sum())
+            if cross is not None:
+                cross_sum += float(cross[g.has_basis.to(cross.device)].sum())
+        cross_mean = cross_sum / self.num_with_basis if self.num_with_basis else None
+        return intra_sum / max(self.num_modules, 1), cross_mean
+
+    def add_gradients(self, scale: float = 1.0) -> tuple[float, float | None, bool]:
+        """Add ``scale · ∂(λ·intra + λc·cross)/∂A`` into every A's ``.grad``.
+
+        Returns (mean intra, mean cross or None, applied). A non-finite gradient is not applied.
+        """
+        with torch.enable_grad():
+            params, total = [], None
+            intra_sum = torch.zeros(())
+            cross_sum = torch.zeros(())
+            for g in self.groups:
+                stack = torch.stack(g.params)
+                intra, cross = lora_penalties(stack, g.bases)
+                term = self.intra_weight * intra.sum() / self.num_modules
+                intra_sum = intra_sum + intra.detach().sum().cpu()
+                if cross is not None and self.cross_weight > 0:
+                    masked = cross * g.has_basis.to(cross.device)
+                    term = term + self.cross_weight * masked.sum() / max(self.num_with_basis, 1)
+                    cross_sum = cross_sum + masked.detach().sum().cpu()
+                total = term if total is None else total + term.to(total.device)
+                params.extend(g.params)
+            grads = torch.autograd.grad(total, params, allow_unused=True)
+        finite = all(gr is None or bool(torch.isfinite(gr).all()) for gr in grads)
+        if finite:
+            for p, gr in zip(params, grads):
+                if gr is None:
+                    continue
+                gr = gr.to(p.dtype) * scale
+                if p.grad is None:
+                    p.grad = gr
+                else:
+                    p.grad.add_(gr)
+        intra_mean = float(intra_sum) / self.num_modules
+        cross_mean = float(cross_sum) / self.num_with_basis if self.num_with_basis else None
+        return intra_mean, cross_mean, finite

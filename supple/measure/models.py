@@ -1,0 +1,167 @@
+"""Finding the parts of a causal LM the measurements need, and loading the models the CLI names.
+
+Works on plain Hugging Face causal LMs and PEFT-wrapped ones: Llama / Qwen2 / Mistral / Gemma keep
+their decoder blocks in ``model.model.layers``, GPT-2 in ``transformer.h``, GPT-NeoX in
+``gpt_neox.layers``; anything else falls back to the largest ``nn.ModuleList`` of same-class modules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["find_decoder_blocks", "find_final_norm", "find_lm_head", "load_model", "unwrap_model"]
+
+_BLOCK_PATHS = (
+    "model.layers",
+    "model.language_model.layers",
+    "model.decoder.layers",
+    "transformer.h",
+    "transformer.layers",
+    "transformer.blocks",
+    "gpt_neox.layers",
+    "backbone.layers",
+    "layers",
+    "h",
+)
+_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The underlying transformers model of a PEFT ``PeftModel`` (LoRA layers stay injected), else ``model``."""
+    seen = 0
+    while hasattr(model, "get_base_model") and seen < 4:
+        base = model.get_base_model()
+        if base is model:
+            break
+        model, seen = base, seen + 1
+    return model
+
+
+def _get_path(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _blocks_and_parent(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
+    base = unwrap_model(model)
+    for path in _BLOCK_PATHS:
+        obj = _get_path(base, path)
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            parent = _get_path(base, path.rpartition(".")[0]) if "." in path else base
+            return obj, parent
+    best, best_parent = None, None
+    for _, parent in base.named_modules():
+        for child in parent.children():
+            if (
+                isinstance(child, nn.ModuleList)
+                and len(child) > 0
+                and len({type(m) for m in child}) == 1
+                and (best is None or len(child) > len(best))
+            ):
+                best, best_parent = child, parent
+    if best is None:
+        raise ValueError(f"could not find the decoder blocks of {type(base).__name__}")
+    return best, best_parent
+
+
+def find_decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks (transformer layers) of a causal LM, in order, as an ``nn.ModuleList``."""
+    return _blocks_and_parent(model)[0]
+
+
+def find_final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm applied after the last decoder block (``model.norm``, ``transformer.ln_f``, ...), or None."""
+    _, parent = _blocks_and_parent(model)
+    for name in _NORM_NAMES:
+        mod = getattr(parent, name, None)
+        if isinstance(mod, nn.Module):
+            return mod
+    return None
+
+
+def find_lm_head(model: nn.Module) -> nn.Module:
+    """The output projection to vocabulary logits (``get_output_embeddings()``)."""
+    base = unwrap_model(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if head is None:
+        head = getattr(base, "lm_head", None)
+    if head is None:
+        raise ValueError(f"{type(base).__name__} has no output embeddings (lm_head)")
+    return head
+
+
+# -------------------------------------------------------------------------------------------- loading
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto", "float32", "fp32"):
+        return torch.float32
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def load_model(spec: str, device: str | None = "auto", dtype: str | torch.dtype | None = "float32"):
+    """Load ``(model, tokenizer, name)`` for a CLI MODEL argument, in eval mode on ``device``.
+
+    ``spec``: ``embedded`` (SmolLM2-135M-Instruct via :func:`supple.testbed.embedded.load_embedded_model`),
+    a PEFT adapter directory (has ``adapter_config.json``; the base model is loaded from its
+    ``base_model_name_or_path`` and the adapter attached, not merged), or a local Hugging Face
+    model directory.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    if spec == "embedded":
+        from supple.testbed.embedded import load_embedded_model  # written by the testbed
+
+        res = load_embedded_model()
+        model, tok = (res[0], res[1]) if isinstance(res, tuple) else (res, None)
+        if tok is None:
+            tok = AutoTokenizer.from_pretrained(model.name_or_path)
+        model = model.to(device=dev, dtype=dt).eval()
+        return model, tok, "embedded"
+    path = Path(spec)
+    if not path.is_dir():
+        raise FileNotFoundError(f"MODEL {spec!r} is neither 'embedded' nor a local model or adapter directory")
+    name = path.resolve().name or str(path)
+    if (path / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        with open(path / "adapter_config.json") as fh:
+            cfg = json.load(fh)
+        base_path = cfg.get("base_model_name_or_path")
+        if not base_path:
+            raise ValueError(f"{path}/adapter_config.json names no base_model_name_or_path")
+        if base_path == "embedded":
+            base, tok, _ = load_model("embedded", device, dt)
+        else:
+            base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dt)
+            tok = AutoTokenizer.from_pretrained(path if _has_tokenizer(path) else base_path)
+        model = PeftModel.from_pretrained(base, os.fspath(path))
+        return model.to(dev).eval(), tok, name
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has neither config.json (a model) nor adapter_config.json (an adapter)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+    tok = AutoTokenizer.from_pretrained(path)
+    return model.to(dev).eval(), tok, name

@@ -1,0 +1,220 @@
+"""The plasticity probe: how well does a model still learn something new?
+
+A fresh LoRA is trained for a fixed number of steps on a held-out task (plain torch loop, AdamW,
+causal-LM loss over every non-padding token) and the held-out loss of that task is recorded before,
+during and after. Report the start loss and the improvement, not only the final loss: a post-trained
+model can start further from the probe task (ARCHITECTURE.md, testbed notes).
+
+Deterministic given ``seed`` (LoRA initialization and batch order; the global RNG is left untouched)
+and ``data_seed`` (the task's texts).
+
+Tasks: ``builtin:NAME`` for a registered generator (``builtin:reverse``: reverse a short string of
+letters), or a text file of training texts (see :func:`supple.measure.corpus.load_texts`) whose last
+10 % are held out. Register more with :func:`register_probe_task`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import string
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .models import unwrap_model
+
+__all__ = ["PROBE_TASKS", "load_probe_task", "plasticity_probe", "register_probe_task", "reverse_task"]
+
+ProbeTask = Callable[[int, int], list[str]]  # (number of texts, seed) -> texts
+PROBE_TASKS: dict[str, ProbeTask] = {}
+
+
+def register_probe_task(name: str, fn: ProbeTask) -> None:
+    """Make ``builtin:name`` a probe task; ``fn(n, seed)`` returns n deterministic texts."""
+    PROBE_TASKS[name] = fn
+
+
+def reverse_task(n: int, seed: int = 0, min_len: int = 3, max_len: int = 8) -> list[str]:
+    """``n`` texts "Reverse the letters: abcd\\nAnswer: dcba" over random lowercase strings."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        s = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(min_len, max_len)))
+        out.append(f"Reverse the letters: {s}\nAnswer: {s[::-1]}")
+    return out
+
+
+register_probe_task("reverse", reverse_task)
+
+
+def load_probe_task(
+    spec: str, n_train: int = 256, n_eval: int = 64, data_seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """``(train_texts, eval_texts)`` of a probe task; the eval texts never occur in the training texts."""
+    if spec.startswith("builtin:"):
+        name = spec.removeprefix("builtin:")
+        if name not in PROBE_TASKS:
+            raise ValueError(f"unknown probe task {spec!r}: available {', '.join('builtin:' + k for k in PROBE_TASKS)}")
+        texts = list(dict.fromkeys(PROBE_TASKS[name](2 * (n_train + n_eval), data_seed)))  # distinct, in order
+        if len(texts) < 2:
+            raise ValueError(f"probe task {spec!r} produced fewer than two distinct texts")
+        n_eval_ = min(n_eval, max(1, len(texts) // 5))
+        return texts[n_eval_ : n_eval_ + n_train], texts[:n_eval_]
+    from .corpus import load_texts
+
+    texts = load_texts(spec)
+    if len(texts) < 2:
+        raise ValueError(f"probe task file {spec!r} needs at least two texts")
+    n_ev = max(1, len(texts) // 10)
+    return texts[:-n_ev], texts[-n_ev:]
+
+
+def _encode(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    seqs = [list(tokenizer(t, truncation=True, max_length=max_length)["input_ids"]) for t in texts]
+    seqs = [s for s in seqs if len(s) >= 2]
+    if not seqs:
+        raise ValueError("no probe text yields at least two tokens")
+    return seqs
+
+
+def _batch(seqs: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _lm_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    tgt = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    total = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return total, int((tgt != -100).sum())
+
+
+@torch.no_grad()
+def _eval_loss(model, seqs, pad_id, device, batch_size) -> float:
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(seqs), batch_size):
+        ids, mask = _batch(seqs[i : i + batch_size], pad_id, device)
+        s, c = _lm_loss(model, ids, mask)
+        total += float(s)
+        count += c
+    model.train(was)
+    return total / max(count, 1)
+
+
+def _area(steps: Sequence[int], losses: Sequence[float]) -> float:
+    """Trapezoidal area under the loss curve divided by its step span: the mean loss over training."""
+    if len(steps) < 2:
+        return float(losses[0]) if losses else float("nan")
+    area = sum((steps[i + 1] - steps[i]) * (losses[i + 1] + losses[i]) / 2 for i in range(len(steps) - 1))
+    return area / (steps[-1] - steps[0])
+
+
+def plasticity_probe(
+    model,
+    tokenizer,
+    train_texts: Sequence[str],
+    eval_texts: Sequence[str],
+    *,
+    steps: int = 50,
+    lr: float = 1e-3,
+    rank: int = 8,
+    alpha: float = 16.0,
+    batch_size: int = 8,
+    max_length: int = 128,
+    seed: int = 0,
+    target_modules: str | list[str] = "all-linear",
+    eval_every: int | None = None,
+    name: str = "model",
+    progress: bool = True,
+) -> dict:
+    """Train a fresh LoRA on ``train_texts`` for ``steps`` AdamW steps; report the held-out loss curve.
+
+    Returns a dict: ``train_loss`` (per step, on the batch before the step), ``eval_steps`` and
+    ``eval_loss`` (held-out token-mean loss at step 0, every ``eval_every`` steps and at the end),
+    ``start_loss``, ``final_loss``, ``improvement`` = start − final, ``relative_improvement`` =
+    improvement / start, ``area`` (mean held-out loss over training: trapezoidal area under the eval
+    curve / steps; lower = learns faster) and ``train_area`` (mean training loss), plus the settings.
+
+    The LoRA is injected into ``model`` and removed again at the end (``unload``), so the base weights
+    are unchanged; a PEFT model is first merged (``merge_and_unload``) and comes back merged.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from tqdm.auto import tqdm
+
+    if steps < 1:
+        raise ValueError("steps must be ≥ 1")
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    model = unwrap_model(model)
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    train = _encode(tokenizer, train_texts, max_length)
+    held = _encode(tokenizer, eval_texts, max_length)
+    eval_every = eval_every or max(1, steps // 10)
+    was_training = model.training
+    requires = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    fork_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules,
+                         task_type="CAUSAL_LM")
+        peft_model = get_peft_model(model, cfg)
+        try:
+            params = [p for p in peft_model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            gen = torch.Generator().manual_seed(seed)
+            order: list[int] = []
+            train_curve, eval_steps, eval_curve = [], [0], [_eval_loss(peft_model, held, pad_id, device, batch_size)]
+            peft_model.train()
+            for step in tqdm(range(1, steps + 1), desc=f"probe {name}", disable=not progress, leave=False):
+                if len(order) < batch_size:
+                    order += torch.randperm(len(train), generator=gen).tolist()
+                idx, order = order[:batch_size], order[batch_size:]
+                ids, mask = _batch([train[i] for i in idx], pad_id, device)
+                total, count = _lm_loss(peft_model, ids, mask)
+                loss = total / max(count, 1)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                train_curve.append(float(loss.detach()))
+                if step % eval_every == 0 or step == steps:
+                    eval_steps.append(step)
+                    eval_curve.append(_eval_loss(peft_model, held, pad_id, device, batch_size))
+        finally:
+            restored = peft_model.unload()
+            restored.train(was_training)
+            for n, p in restored.named_parameters():
+                p.requires_grad_(requires.get(n, p.requires_grad))
+
+    start, final = eval_curve[0], eval_curve[-1]
+    return {
+        "model": name,
+        "steps": steps,
+        "seed": seed,
+        "lr": lr,
+        "rank": rank,
+        "alpha": alpha,
+        "batch_size": batch_size,
+        "train_texts": len(train),
+        "eval_texts": len(held),
+        "train_loss": train_curve,
+        "eval_steps": eval_steps,
+        "eval_loss": eval_curve,
+        "start_loss": start,
+        "final_loss": final,
+        "improvement": start - final,
+        "relative_improvement": (start - final) / start if start and math.isfinite(start) else float("nan"),
+        "area": _area(eval_steps, eval_curve),
+        "train_area": sum(train_curve) / len(train_curve),
+    }

@@ -1,0 +1,152 @@
+"""Shared helpers: tiny SFT/DPO runs, and reference trainers that add supple's terms to the loss by hand."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+from supple.modeling import find_decoder_blocks, find_lora_modules, resolve_layer_indices
+
+from ._tiny import make_tiny_llama, make_tokenizer
+
+
+def sft_dataset(n: int = 8) -> Dataset:
+    rows = [{"text": f"{a} plus {b} is {a + b}. " * (1 + (a + b) % 3)} for a in range(4) for b in range(4)]
+    return Dataset.from_list(rows[:n])
+
+
+def dpo_dataset(n: int = 8) -> Dataset:
+    rows = [
+        {"prompt": f"what is {a}+{b}? ", "chosen": f"{a + b}", "rejected": f"{a + b + 1} or so"}
+        for a in range(4)
+        for b in range(4)
+    ]
+    return Dataset.from_list(rows[:n])
+
+
+def lora_config() -> LoraConfig:
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.0,
+                      init_lora_weights="gaussian")
+
+
+def hand_ipr(h: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """The ipr formula written directly with autograd ops (independent of supple's implementation)."""
+    z = h.float()
+    if normalize:
+        z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    zc = z - z.mean(dim=0, keepdim=True)
+    cov = zc.T @ zc
+    return (cov * cov).sum() / (zc * zc).sum() ** 2
+
+
+def hand_intra(a: torch.Tensor) -> torch.Tensor:
+    ah = a / a.norm(dim=1, keepdim=True)
+    g = ah @ ah.T
+    r = a.shape[0]
+    return ((g * g).sum() - (torch.diagonal(g) ** 2).sum()) / (r * (r - 1))
+
+
+def hand_cross(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    ah = a / a.norm(dim=1, keepdim=True)
+    return ((ah @ u) ** 2).sum() / a.shape[0]
+
+
+def _loss_scale(trainer, num_items_in_batch) -> float:
+    """Factor making an added term contribute term/GA per micro-batch, whatever the trainer does to the loss."""
+    scaled = trainer.loss_is_scaled_for_ga
+    if scaled is None:
+        scaled = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+            trainer.compute_loss_func is not None
+        )
+    return 1.0 / trainer.current_gradient_accumulation_steps if scaled else 1.0
+
+
+def reference_class(base_cls, diversity_weight=0.0, layers=(-1,), intra_weight=0.0, cross_weight=0.0, bases=None):
+    """A subclass of ``base_cls`` whose compute_loss adds supple's terms to the loss by hand."""
+
+    class Reference(base_cls):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            captured = {}
+            _, blocks = find_decoder_blocks(model)
+            idxs = resolve_layer_indices(list(layers), len(blocks))
+            handles = []
+            for k in idxs:
+                def hook(mod, args, out, k=k):
+                    if torch.is_grad_enabled() and k not in captured:
+                        captured[k] = out[0] if isinstance(out, tuple) else out
+                handles.append(blocks[k].register_forward_hook(hook))
+            try:
+                res = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            finally:
+                for h in handles:
+                    h.remove()
+            loss = res[0] if isinstance(res, tuple) else res
+            c = _loss_scale(self, num_items_in_batch)
+            extra = loss.new_zeros(())
+            if diversity_weight:
+                mask = inputs.get("attention_mask")
+                pens = []
+                for k in idxs:
+                    h = captured[k]
+                    m = mask.bool() if mask is not None else torch.ones(h.shape[:2], dtype=torch.bool)
+                    pens.append(hand_ipr(h[m]))
+                extra = extra + diversity_weight * torch.stack(pens).mean()
+            if intra_weight or cross_weight:
+                mods = find_lora_modules(model)
+                if intra_weight:
+                    extra = extra + intra_weight * torch.stack([hand_intra(r.lora_a) for r in mods]).mean()
+                if cross_weight:
+                    with_b = [r for r in mods if r.name in bases]
+                    vals = [hand_cross(r.lora_a, bases[r.name]) for r in with_b]
+                    extra = extra + cross_weight * torch.stack(vals).mean()
+            loss = loss + c * extra
+            return (loss, res[1]) if isinstance(res, tuple) else loss
+
+    return Reference
+
+
+def run(kind="sft", trainer_cls=None, callbacks=(), lora=True, ga=1, ckpt=False, steps=2, seed=0, out=None,
+        extra_args=None, model=None):
+    """Train a tiny Llama for ``steps`` optimizer steps with SGD; returns the trainer."""
+    tok = make_tokenizer()
+    model = model if model is not None else make_tiny_llama(tok, seed=seed)
+    common = dict(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=2, gradient_accumulation_steps=ga,
+        learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", report_to=[], logging_steps=1,
+        use_cpu=True, seed=seed, data_seed=seed, max_length=48, save_strategy="no", gradient_checkpointing=ckpt,
+        max_grad_norm=1e9, disable_tqdm=True, dataloader_num_workers=0, bf16=False,
+    )
+    common.update(extra_args or {})
+    peft_config = lora_config() if lora else None
+    if kind == "sft":
+        cls = trainer_cls or SFTTrainer
+        args = SFTConfig(**common)
+        tr = cls(model=model, args=args, train_dataset=sft_dataset(), processing_class=tok,
+                 peft_config=peft_config, callbacks=list(callbacks))
+    else:
+        cls = trainer_cls or DPOTrainer
+        args = DPOConfig(**common, beta=0.5)
+        ref = None if lora else copy.deepcopy(model)
+        tr = cls(model=model, ref_model=ref, args=args, train_dataset=dpo_dataset(), processing_class=tok,
+                 peft_config=peft_config, callbacks=list(callbacks))
+    tr.train()
+    return tr
+
+
+def trainable_state(trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def assert_params_close(a: dict, b: dict, rtol=1e-5, atol=1e-6) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
