@@ -9,6 +9,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
+from supple.callbacks import select_tokens, token_generator
 from supple.modeling import find_decoder_blocks, find_lora_modules, resolve_layer_indices
 
 from ._tiny import make_tiny_llama, make_tokenizer
@@ -65,11 +66,17 @@ def _loss_scale(trainer, num_items_in_batch) -> float:
     return 1.0 / trainer.current_gradient_accumulation_steps if scaled else 1.0
 
 
-def reference_class(base_cls, diversity_weight=0.0, layers=(-1,), intra_weight=0.0, cross_weight=0.0, bases=None):
+def reference_class(base_cls, diversity_weight=0.0, layers=(-1,), intra_weight=0.0, cross_weight=0.0, bases=None,
+                    max_tokens=0):
     """A subclass of ``base_cls`` whose compute_loss adds supple's terms to the loss by hand."""
 
     class Reference(base_cls):
+        _micro_step = (-1, 0)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            step, micro = self._micro_step
+            micro = micro + 1 if step == self.state.global_step else 0
+            self._micro_step = (self.state.global_step, micro)
             captured = {}
             _, blocks = find_decoder_blocks(model)
             idxs = resolve_layer_indices(list(layers), len(blocks))
@@ -93,7 +100,12 @@ def reference_class(base_cls, diversity_weight=0.0, layers=(-1,), intra_weight=0
                 for k in idxs:
                     h = captured[k]
                     m = mask.bool() if mask is not None else torch.ones(h.shape[:2], dtype=torch.bool)
-                    pens.append(hand_ipr(h[m]))
+                    if max_tokens:
+                        gen = token_generator(self.args.seed, self.state.global_step, micro, k)
+                        idx = select_tokens(m, h.shape[0], h.shape[1], max_tokens, gen)
+                        pens.append(hand_ipr(h.reshape(-1, h.shape[-1])[idx]))
+                    else:
+                        pens.append(hand_ipr(h[m]))
                 extra = extra + diversity_weight * torch.stack(pens).mean()
             if intra_weight or cross_weight:
                 mods = find_lora_modules(model)

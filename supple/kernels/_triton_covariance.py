@@ -482,10 +482,12 @@ def ipr_triton(h: torch.Tensor, normalize: bool = True) -> tuple[torch.Tensor, t
     os_r, os_c = (d, 1) if rows_are_tokens else (1, d)
 
     # One zeroed fp32 buffer for everything accumulated atomically: [num, s, P | colsum (d) | radial (n)].
-    zeroed = torch.zeros(3 + d + (n if normalize else 0), dtype=torch.float32, device=dev)
+    # (radial is allocated even when unused: the autotuner zeroes it between trials, so it must not
+    # alias a live buffer.)
+    zeroed = torch.zeros(3 + d + n, dtype=torch.float32, device=dev)
     num, s, p = zeroed[0:1], zeroed[1:2], zeroed[2:3]
     colsum = zeroed[3 : 3 + d]
-    radial = zeroed[3 + d :] if normalize else colsum  # dummy pointer when unused
+    radial = zeroed[3 + d :]
     norm = torch.empty(n, dtype=torch.float32, device=dev) if normalize else colsum
     gram = torch.empty((m, m), dtype=torch.float32, device=dev)
     out = torch.empty((n, d), dtype=torch.float32, device=dev)

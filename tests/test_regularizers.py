@@ -1,0 +1,135 @@
+"""The penalty math against hand-written formulas and autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from supple.kernels import ipr_reference, orthogonality_reference
+from supple.regularizers import (
+    decov,
+    ipr,
+    lora_cross_overlap,
+    lora_intra_decorrelation,
+    lora_penalties,
+    penalty_value_and_grad,
+    vicreg,
+)
+
+from ._runs import hand_cross, hand_intra, hand_ipr
+
+
+@pytest.mark.parametrize("n,d", [(5, 9), (9, 5), (77, 123), (130, 16), (2, 3)])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ipr_value_and_hand_derived_gradient_match_autograd(n, d, normalize):
+    gen = torch.Generator().manual_seed(n * 1000 + d)
+    h = (torch.randn(n, d, generator=gen, dtype=torch.float64) * torch.rand(d, generator=gen, dtype=torch.float64)
+         ).requires_grad_(True)
+    expected = _ipr64(h, normalize)
+    (g_auto,) = torch.autograd.grad(expected, h)
+    p, g = ipr_reference(h.detach(), normalize)
+    assert p.dtype == torch.float32 and g.dtype == torch.float32
+    torch.testing.assert_close(p.double(), expected.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g.double(), g_auto, rtol=1e-4, atol=1e-6)
+    # the differentiable wrapper uses the same gradient
+    x = h.detach().float().requires_grad_(True)
+    ipr(x, normalize).backward()
+    torch.testing.assert_close(x.grad.double(), g_auto, rtol=1e-4, atol=1e-6)
+
+
+def _ipr64(h, normalize):
+    z = h / h.norm(dim=1, keepdim=True).clamp_min(1e-6) if normalize else h
+    zc = z - z.mean(0)
+    return ((zc.T @ zc) ** 2).sum() / ((zc * zc).sum() ** 2)
+
+
+def test_ipr_bounds_and_collapse():
+    gen = torch.Generator().manual_seed(0)
+    iso = torch.randn(4000, 8, generator=gen)
+    assert abs(float(ipr(iso, normalize=False)) - 1 / 8) < 0.01  # isotropic: 1/d
+    rank1 = torch.randn(50, 1, generator=gen) * torch.randn(1, 16, generator=gen)
+    assert abs(float(ipr(rank1, normalize=False)) - 1.0) < 1e-5  # collapse: 1
+    few = torch.randn(3, 64, generator=gen)
+    assert float(ipr(few)) >= 1 / 2 - 1e-6  # n=3 tokens: at least 1/(n-1)
+
+
+def test_ipr_normalization_ignores_massive_activation():
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(100, 32, generator=gen)
+    h[0] *= 1000.0  # an attention-sink token
+    assert float(ipr(h, normalize=False)) > 0.9
+    assert float(ipr(h, normalize=True)) < 0.1
+
+
+def test_ipr_single_token_is_nan_not_crash():
+    p, g = ipr_reference(torch.randn(1, 8))
+    assert torch.isnan(p)
+
+
+def test_ipr_is_fp32_for_bf16_input():
+    h = torch.randn(20, 12).bfloat16()
+    p, g = ipr_reference(h)
+    assert p.dtype == torch.float32
+    torch.testing.assert_close(p, ipr_reference(h.float())[0])
+
+
+def test_decov_matches_formula():
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(40, 6, generator=gen, dtype=torch.float64) @ torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    r = torch.corrcoef(h.T)
+    expected = (r**2).sum() - (torch.diagonal(r) ** 2).sum()
+    expected = expected / (6 * 5)
+    torch.testing.assert_close(decov(h).double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_vicreg_matches_formula():
+    gen = torch.Generator().manual_seed(2)
+    h = torch.randn(30, 5, generator=gen, dtype=torch.float64) * 0.3
+    c = torch.cov(h.T)
+    var = torch.relu(1 - torch.sqrt(torch.diagonal(c) + 1e-4)).mean()
+    off = ((c**2).sum() - (torch.diagonal(c) ** 2).sum()) / 5
+    torch.testing.assert_close(vicreg(h).double(), var + off, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["decov", "vicreg", "ipr"])
+def test_penalty_value_and_grad_is_the_autograd_gradient(name):
+    from supple.regularizers import get_penalty
+
+    h = torch.randn(25, 7, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    p_expected = get_penalty(name)(h, normalize=True)
+    (g_expected,) = torch.autograd.grad(p_expected, h)
+    p, g = penalty_value_and_grad(name, h.detach(), True)
+    torch.testing.assert_close(p, p_expected.detach())
+    torch.testing.assert_close(g, g_expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown diversity penalty"):
+        penalty_value_and_grad("pca", h.detach(), True)
+
+
+def test_lora_penalties_match_per_module_formulas_and_gradients():
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(5, 4, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    u = torch.linalg.qr(torch.randn(5, 12, 3, generator=gen, dtype=torch.float64))[0]
+    intra, cross = lora_penalties(a, u)
+    for m in range(5):
+        torch.testing.assert_close(intra[m].double(), hand_intra(a[m]).detach(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(cross[m].double(), hand_cross(a[m], u[m]).detach(), rtol=1e-5, atol=1e-7)
+    loss = intra.sum() + 2 * cross.sum()
+    (g,) = torch.autograd.grad(loss, a)
+    loss_hand = sum(hand_intra(a[m]) + 2 * hand_cross(a[m], u[m]) for m in range(5))
+    (g_hand,) = torch.autograd.grad(loss_hand, a)
+    torch.testing.assert_close(g.double(), g_hand, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(lora_intra_decorrelation(a), intra)
+    torch.testing.assert_close(lora_cross_overlap(a, u), cross)
+
+
+def test_lora_penalty_extremes():
+    eye = torch.eye(6)[:4].unsqueeze(0)  # orthogonal rows
+    intra, cross = orthogonality_reference(eye, torch.eye(6)[:, :4].unsqueeze(0))
+    assert float(intra[0]) == 0.0 and abs(float(cross[0]) - 1.0) < 1e-6  # rows inside the subspace
+    same = torch.ones(1, 3, 6)
+    intra, cross = orthogonality_reference(same, torch.eye(6)[:, 4:].unsqueeze(0) * 0 + torch.eye(6)[:, 4:])
+    assert abs(float(intra[0]) - 1.0) < 1e-6
+    r1 = orthogonality_reference(torch.randn(2, 1, 6))[0]
+    assert torch.all(r1 == 0)
+    with pytest.raises(ValueError, match="modules, r, d_in"):
+        orthogonality_reference(torch.randn(3, 4))
