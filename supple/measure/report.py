@@ -134,7 +134,8 @@ def plot_records(records: Sequence[dict], out_dir, dpi: int = 110) -> list[Path]
                     labels.append(lab)
         if handles:
             fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
-        fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 1))
+        # fixed margins: tight_layout costs ~0.5 s a figure
+        fig.subplots_adjust(left=0.07, right=0.98, top=0.9, bottom=0.2 if handles else 0.12, hspace=0.55, wspace=0.3)
         path = out_dir / fname
         fig.savefig(path, dpi=dpi)
         plt.close(fig)
