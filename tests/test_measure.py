@@ -247,7 +247,7 @@ def test_cli_measure_and_probe_write_every_file(tok, tmp_path):
     assert "Linear CKA" in summary and "LoRA updates" in summary
 
     rc = main(["measure", str(base), "--data", "builtin:pydoc", "--max-texts", "4", "--max-length", "32",
-               "--out", str(tmp_path / "out2"), "--no-progress", "--layers", "-1", "--device", "cpu"])
+               "--out", str(tmp_path / "out2"), "--no-progress", "--layers", "-1", "--device", "cpu", "--no-plots"])
     assert rc == 0 and (tmp_path / "out2" / "summary.md").is_file()
 
     pout = tmp_path / "probe"

@@ -39,6 +39,7 @@ def add_parsers(subparsers) -> None:
     m.add_argument("--layers", type=int, nargs="+", default=None,
                    help="decoder blocks for the geometry (negative from the end; default all)")
     m.add_argument("--lens-tokens", type=int, default=1024, help="tokens run through the logit lens (0 = off)")
+    m.add_argument("--no-plots", action="store_true", help="write JSON, CSV and the summary only")
     _common(m)
     m.set_defaults(func=cmd_measure)
 
@@ -129,7 +130,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
         gc.collect()
     meta["names"] = names
     paths = [write_records_json(records, out / "measure.json", meta), write_records_csv(records, out / "measure.csv")]
-    plots = plot_records(records, out)
+    plots = [] if args.no_plots else plot_records(records, out)
     paths += plots
     paths.append(write_summary(records, out / "summary.md", meta, plots))
     for p in paths:

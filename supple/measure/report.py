@@ -96,6 +96,8 @@ def _series(records, group, metric, tokens=None, space=None, reduce_modules=Fals
 
 
 def _draw(ax, series, models, title, ylabel=None):
+    from matplotlib.ticker import MaxNLocator
+
     for m in models:
         if m in series:
             layers, vals = series[m]
@@ -105,6 +107,7 @@ def _draw(ax, series, models, title, ylabel=None):
     if ylabel:
         ax.set_ylabel(ylabel, fontsize=8)
     ax.tick_params(labelsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
 
 
@@ -134,8 +137,10 @@ def plot_records(records: Sequence[dict], out_dir, dpi: int = 110) -> list[Path]
                     labels.append(lab)
         if handles:
             fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
-        # fixed margins: tight_layout costs ~0.5 s a figure
-        fig.subplots_adjust(left=0.07, right=0.98, top=0.9, bottom=0.2 if handles else 0.12, hspace=0.55, wspace=0.3)
+        # fixed margins in inches (tight_layout costs ~0.5 s a figure)
+        w, h = fig.get_size_inches()
+        fig.subplots_adjust(left=0.75 / w, right=1 - 0.2 / w, top=1 - 0.55 / h, bottom=(0.95 if handles else 0.6) / h,
+                            hspace=0.75 * 3.2 / h, wspace=0.3)
         path = out_dir / fname
         fig.savefig(path, dpi=dpi)
         plt.close(fig)
@@ -279,7 +284,7 @@ def write_summary(records: Sequence[dict], path, meta: dict | None = None, plots
                   "| mean cosine to previous block | logit-lens agreement, middle block |", "|---|---|---|---|---|"]
         for m in models:
             layers = sorted({int(r["layer"]) for r in traj if r["model"] == m and r.get("layer") is not None})
-            mid = layers[len(layers) // 2] if layers else None
+            mid = layers[(len(layers) - 1) // 2] if layers else None
             cells = [
                 _pick(records, m, "trajectory", "trajectory_length", None, "no_sink", "raw"),
                 _pick(records, m, "trajectory", "trajectory_length", None, "no_sink", "unit"),
