@@ -22,10 +22,7 @@ REFRESH_METHODS = ("shrink_perturb", "relora", "redo")
 
 # Fields whose behaviour has not landed yet: a non-default value raises NotImplementedError instead of
 # silently doing nothing. Shrinks as features land.
-_NOT_IMPLEMENTED: dict[str, str] = {
-    "replay_data": "mixed-domain replay",
-    "refresh_method": "feature refresh",
-}
+_NOT_IMPLEMENTED: dict[str, str] = {}
 
 
 @dataclass
@@ -83,6 +80,18 @@ class SuppleConfig:
         metadata={"help": "Feature refresh: 'shrink_perturb', 'relora', 'redo' or None (off)."},
     )
     refresh_every: int = field(default=200, metadata={"help": "Refresh every N optimizer steps."})
+    refresh_shrink: float = field(
+        default=0.9, metadata={"help": "shrink_perturb: α in θ ← α·θ + σ·rms(θ)·ε (1 = no shrink)."}
+    )
+    refresh_noise: float = field(
+        default=0.01, metadata={"help": "shrink_perturb: σ in θ ← α·θ + σ·rms(θ)·ε (relative noise scale)."}
+    )
+    redo_threshold: float = field(
+        default=0.1, metadata={"help": "redo: a unit is dormant when its mean |activation| / layer mean ≤ τ."}
+    )
+    relora_warmup_steps: int = field(
+        default=0, metadata={"help": "relora: linear learning-rate re-warm-up over N steps after each refresh."}
+    )
     metrics_every: int = field(
         default=0,
         metadata={"help": "Log effective rank / anisotropy of the tapped layers every N steps (0 = off)."},
@@ -158,6 +167,16 @@ def validate_supple_fields(cfg: Any) -> None:
     if cfg.refresh_method is not None and cfg.refresh_method not in REFRESH_METHODS:
         _fail("refresh_method", cfg.refresh_method, f"allowed values are {', '.join(REFRESH_METHODS)} or None")
     _check_int(cfg, "refresh_every", 1)
+    _check_weight(cfg, "refresh_noise")
+    _check_weight(cfg, "redo_threshold")
+    _check_weight(cfg, "refresh_shrink")
+    if cfg.refresh_shrink > 1:
+        _fail("refresh_shrink", cfg.refresh_shrink, "expected 0 <= α <= 1")
+    if cfg.redo_threshold >= 1:
+        _fail("redo_threshold", cfg.redo_threshold, "expected 0 <= τ < 1 (a fraction of the layer's mean activation)")
+    _check_int(cfg, "relora_warmup_steps", 0)
+    if cfg.relora_warmup_steps >= cfg.refresh_every:
+        _fail("relora_warmup_steps", cfg.relora_warmup_steps, "expected fewer steps than refresh_every")
     _check_int(cfg, "metrics_every", 0)
     defaults = {f.name: (f.default_factory() if callable(f.default_factory) else f.default) for f in fields(SuppleConfig)}
     for name, what in _NOT_IMPLEMENTED.items():

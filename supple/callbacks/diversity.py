@@ -113,6 +113,7 @@ class DiversityTaps:
         self._mask: torch.Tensor | None = None
         self._warned_nonfinite = False
         self._warned_mask = False
+        self.paused = False
 
     # -- installation -------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -132,7 +133,7 @@ class DiversityTaps:
 
     # -- hooks --------------------------------------------------------------------------------------
     def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
-        if not (module.training and torch.is_grad_enabled()):
+        if self.paused or not (module.training and torch.is_grad_enabled()):
             return None
         self._forward_id += 1
         self._done = {key for key in self._done if key[0] >= self._forward_id - 1}
@@ -142,7 +143,7 @@ class DiversityTaps:
 
     def _make_block_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, output):
-            if not (module.training and torch.is_grad_enabled()):
+            if self.paused or not (module.training and torch.is_grad_enabled()):
                 return None
             key = (self._forward_id, layer)
             if key in self._done:  # gradient-checkpointing recomputation: this micro-batch counted already

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import warnings
@@ -11,8 +12,12 @@ import torch
 from transformers import TrainerCallback
 
 from ..config import SuppleConfig, extract_supple_config
+from ..data import load_replay_items
+from ..modeling import find_lora_modules
 from .decorrelation import LoraDecorrelation
 from .diversity import DiversityTaps
+from .refresh import DormantTracker, redo_, refresh_generator, relora_, shrink_perturb_
+from .replay import ReplayTerm
 from .subspace import load_previous_subspaces
 
 _OBJECT_KWARGS = {
@@ -66,16 +71,17 @@ class SuppleCallback(TrainerCallback):
                 f"SuppleCallback got unexpected keyword argument(s) {unknown}. Plain settings belong in "
                 f"SuppleConfig; the accepted objects are {allowed}."
             )
-        if objects.get("replay_dataset") is not None:
-            raise NotImplementedError(
-                "SuppleCallback(replay_dataset=...): mixed-domain replay is not implemented in this version of supple yet."
-            )
         self.user_config = config
         self.objects = objects
         self.config: SuppleConfig | None = config
         self.trainer: Any | None = None
         self._taps: DiversityTaps | None = None
         self._decor: LoraDecorrelation | None = None
+        self._replay: ReplayTerm | None = None
+        self._replay_losses: list[float] = []
+        self._tracker: DormantTracker | None = None
+        self._model = None
+        self._optimizer = None
         self._micro = 0
         self._skipped_total = 0
         self._decor_log: list[tuple[float, float | None]] = []
@@ -168,9 +174,26 @@ class SuppleCallback(TrainerCallback):
                     )
             self._decor = LoraDecorrelation(cfg.decorrelation_weight, cfg.decorrelation_cross_weight)
             self._decor.setup(model, bases)
-        if trainer is not None and (self._taps is not None or self._decor is not None):
+        self._model = model
+        self._optimizer = kwargs.get("optimizer")
+        replay_ds = self.objects.get("replay_dataset")
+        if cfg.replay_data is not None or replay_ds is not None:
+            if trainer is not None and getattr(trainer, "is_deepspeed_enabled", False):
+                raise ValueError("supple's replay term runs its own backward pass, which DeepSpeed does not allow.")
+            items = load_replay_items(cfg.replay_data if replay_ds is None else None, replay_ds)
+            self._replay = ReplayTerm(items, cfg.replay_weight, cfg.replay_every, cfg.replay_batch_size,
+                                      int(getattr(args, "seed", 0)))
+            max_len = getattr(args, "max_length", None) or getattr(args, "max_seq_length", None) or 512
+            self._replay.setup(kwargs.get("processing_class"), max_len)
+        if cfg.refresh_method == "redo":
+            self._tracker = DormantTracker(model)
+        elif cfg.refresh_method == "relora" and not find_lora_modules(model):
+            raise ValueError("refresh_method='relora' merges and re-initializes LoRA adapters: the model has none. "
+                             "Use a PEFT LoRA model, or refresh_method='shrink_perturb'/'redo'.")
+        active = any(x is not None for x in (self._taps, self._decor, self._replay)) or cfg.refresh_method
+        if trainer is not None and active:
             self._wrap_log(trainer)
-        elif self._taps is not None or self._decor is not None:
+        elif active:
             warnings.warn(
                 "SuppleCallback could not find its Trainer: supple/* metrics go to state.log_history only.",
                 stacklevel=2,
@@ -179,6 +202,18 @@ class SuppleCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._micro = 0
+        cfg = self.config
+        if self._tracker is not None:
+            self._tracker.active = (state.global_step + 1) % cfg.refresh_every == 0
+        if cfg.refresh_method == "relora" and cfg.relora_warmup_steps:
+            since = state.global_step % cfg.refresh_every
+            if state.global_step >= cfg.refresh_every and since < cfg.relora_warmup_steps:
+                factor = (since + 1) / (cfg.relora_warmup_steps + 1)
+                opt = kwargs.get("optimizer") or self._optimizer
+                for group in getattr(opt, "param_groups", []):
+                    group["lr"] = group["lr"] * factor
+        if self._replay is not None and self._replay.is_replay_step(state.global_step):
+            self._run_replay(state.global_step)
         if self._decor is not None:
             intra, cross, ok = self._decor.add_gradients(scale=self._grad_scale())
             if ok:
@@ -194,6 +229,9 @@ class SuppleCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self._micro = 0
+        cfg = self.config
+        if cfg.refresh_method and state.global_step % cfg.refresh_every == 0:
+            self._refresh(state.global_step, kwargs.get("optimizer") or self._optimizer, kwargs.get("model"))
         if self._taps is not None and self._taps.stats.hidden_samples:
             self._pending.update(self._live_metrics(self._taps.stats.hidden_samples))
             self._taps.stats.hidden_samples = {}
@@ -211,6 +249,8 @@ class SuppleCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self._taps is not None:
             self._taps.detach()
+        if self._tracker is not None:
+            self._tracker.detach()
         if self._orig_log is not None and self.trainer is not None:
             try:
                 del self.trainer.log
@@ -220,6 +260,43 @@ class SuppleCallback(TrainerCallback):
         return control
 
     # ------------------------------------------------------------------------------------------------
+    def _run_replay(self, global_step: int) -> None:
+        trainer = self.trainer
+        model = getattr(trainer, "model_wrapped", None) or self._model
+        ctx = contextlib.nullcontext()
+        accelerator = getattr(trainer, "accelerator", None)
+        if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
+            ctx = accelerator.no_sync(model)  # reduced together with the window's last micro-batch
+        was_training = model.training
+        model.train()
+        if self._taps is not None:
+            self._taps.paused = True
+        try:
+            with ctx:
+                loss, skipped = self._replay.step(model, global_step, self._grad_scale())
+        finally:
+            if self._taps is not None:
+                self._taps.paused = False
+            model.train(was_training)
+        self._skipped_total += skipped
+        if loss is not None:
+            self._replay_losses.append(loss)
+
+    @torch.no_grad()
+    def _refresh(self, global_step: int, optimizer, model) -> None:
+        cfg = self.config
+        model = model if model is not None else self._model
+        gen = refresh_generator(int(getattr(self._args, "seed", 0)), global_step, cfg.refresh_method)
+        if cfg.refresh_method == "shrink_perturb":
+            params = [p for p in model.parameters() if p.requires_grad]
+            shrink_perturb_(params, cfg.refresh_shrink, cfg.refresh_noise, gen)
+        elif cfg.refresh_method == "relora":
+            relora_(find_lora_modules(model), optimizer, gen)
+        elif cfg.refresh_method == "redo":
+            lora = {r.name: r for r in find_lora_modules(model)}
+            self._pending["supple/redo_units"] = float(redo_(self._tracker, cfg.redo_threshold, optimizer, gen, lora))
+        # if decorrelation bases or stacks reference parameters, they are unchanged objects: nothing to rebuild
+
     def _live_metrics(self, samples: dict[int, torch.Tensor]) -> dict[str, float]:
         from ..regularizers.geometry import anisotropy, effective_rank
 
@@ -246,7 +323,12 @@ class SuppleCallback(TrainerCallback):
             if cross:
                 out["supple/cross_overlap"] = sum(cross) / len(cross)
             self._decor_log.clear()
-        if self._taps is not None or self._decor is not None:
+        if self._replay_losses:
+            out["supple/replay_loss"] = sum(self._replay_losses) / len(self._replay_losses)
+            self._replay_losses.clear()
+        if self.config.refresh_method:
+            out["supple/refreshes"] = float(self._state.global_step // self.config.refresh_every)
+        if any(x is not None for x in (self._taps, self._decor, self._replay)):
             out["supple/skipped_nonfinite"] = float(self._skipped_total)
         out.update(self._pending)
         self._pending = {}

@@ -382,7 +382,9 @@ _STATS_CONFIGS = [
     _cfg(BLOCK_N=32, BLOCK_D=256, num_warps=8, num_stages=2),
     _cfg(BLOCK_N=64, BLOCK_D=128, num_warps=8, num_stages=2),
 ]
-_GRAM_CONFIGS = [
+# bf16 operands (16-bit input). Shared memory at num_stages (sm_90, from compiling each config):
+# gram 128/64 ≈ 100 KB, grad 128×128×64 ≈ 99 KB, 128×64×64 ≈ 124 KB — all under the 227 KB limit.
+_GRAM_CONFIGS_BF16 = [
     _cfg(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
     _cfg(BLOCK_M=128, BLOCK_K=32, num_warps=8, num_stages=4),
     _cfg(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
@@ -390,11 +392,27 @@ _GRAM_CONFIGS = [
     _cfg(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
     _cfg(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=3),
 ]
-_GRAD_CONFIGS = [
+_GRAD_CONFIGS_BF16 = [
     _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
     _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
     _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
     _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
+]
+# fp32 operands (3xTF32) need twice the shared memory per stage: BLOCK_K = 32 keeps them in budget
+# (128×128×64 at 3 stages would need 263 KB).
+_GRAM_CONFIGS_FP32 = [
+    _cfg(BLOCK_M=128, BLOCK_K=32, num_warps=8, num_stages=3),
+    _cfg(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=2),
+]
+_GRAD_CONFIGS_FP32 = [
+    _cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+    _cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
+    _cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
     _cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
     _cfg(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
 ]
@@ -417,18 +435,23 @@ _stats_tuned = triton.autotune(
     _STATS_CONFIGS, key=["N_BUCKET", "D_BUCKET", "NORMALIZE"], reset_to_zero=["colsum_ptr"],
     prune_configs_by={"early_config_prune": _prune({"BLOCK_N": "N_BUCKET", "BLOCK_D": "D_BUCKET"})},
 )(_ipr_stats_kernel)
-_gram_tuned = triton.autotune(
-    _GRAM_CONFIGS, key=["M_BUCKET", "L_BUCKET", "TOK_AXIS", "NORMALIZE", "DOT_BF16"],
-    reset_to_zero=["num_ptr", "s_ptr"],
-    prune_configs_by={"early_config_prune": _prune({"BLOCK_M": "M_BUCKET", "BLOCK_K": "L_BUCKET"})},
-)(_ipr_gram_kernel)
-_grad_tuned = triton.autotune(
-    _GRAD_CONFIGS, key=["M_BUCKET", "L_BUCKET", "TOK_AXIS", "NORMALIZE", "DOT_BF16"],
-    reset_to_zero=["radial_ptr"],
-    prune_configs_by={
-        "early_config_prune": _prune({"BLOCK_M": "M_BUCKET", "BLOCK_N": "L_BUCKET", "BLOCK_K": "M_BUCKET"})
-    },
-)(_ipr_grad_kernel)
+_GRAM_PRUNE = _prune({"BLOCK_M": "M_BUCKET", "BLOCK_K": "L_BUCKET"})
+_GRAD_PRUNE = _prune({"BLOCK_M": "M_BUCKET", "BLOCK_N": "L_BUCKET", "BLOCK_K": "M_BUCKET"})
+# One autotuner per operand precision (keyed by DOT_BF16), each with configs that fit shared memory.
+_gram_tuned = {
+    dot_bf16: triton.autotune(
+        configs, key=["M_BUCKET", "L_BUCKET", "TOK_AXIS", "NORMALIZE"], reset_to_zero=["num_ptr", "s_ptr"],
+        prune_configs_by={"early_config_prune": _GRAM_PRUNE},
+    )(_ipr_gram_kernel)
+    for dot_bf16, configs in ((True, _GRAM_CONFIGS_BF16), (False, _GRAM_CONFIGS_FP32))
+}
+_grad_tuned = {
+    dot_bf16: triton.autotune(
+        configs, key=["M_BUCKET", "L_BUCKET", "TOK_AXIS", "NORMALIZE"], reset_to_zero=["radial_ptr"],
+        prune_configs_by={"early_config_prune": _GRAD_PRUNE},
+    )(_ipr_grad_kernel)
+    for dot_bf16, configs in ((True, _GRAD_CONFIGS_BF16), (False, _GRAD_CONFIGS_FP32))
+}
 _fixup_tuned = triton.autotune(
     _FIXUP_CONFIGS, key=["N_BUCKET", "D_BUCKET"],
     prune_configs_by={"early_config_prune": _prune({"BLOCK_N": "N_BUCKET", "BLOCK_D": "D_BUCKET"})},
@@ -507,9 +530,9 @@ def ipr_triton(h: torch.Tensor, normalize: bool = True) -> tuple[torch.Tensor, t
             t = triton.cdiv(m, meta["BLOCK_M"])
             return (t * (t + 1) // 2,)
 
-        _launch(_ipr_gram_kernel, _gram_tuned, "gram", gram_grid,
+        _launch(_ipr_gram_kernel, _gram_tuned[dot_bf16], "gram", gram_grid,
                 h, vs_r, vs_c, m, L, norm, colsum, inv_n, gram, num, s, mb, lb, **mm)
-        _launch(_ipr_grad_kernel, _grad_tuned, "grad",
+        _launch(_ipr_grad_kernel, _grad_tuned[dot_bf16], "grad",
                 lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(L, meta["BLOCK_N"]),),
                 h, vs_r, vs_c, m, L, norm, colsum, inv_n, gram, num, s, p, out, os_r, os_c, radial,
                 mb, lb, **mm)
@@ -518,3 +541,61 @@ def ipr_triton(h: torch.Tensor, normalize: bool = True) -> tuple[torch.Tensor, t
                     lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_D"])),
                     h, s_n, s_d, n, d, norm, radial, out, nb, db)
     return p.reshape(()), out
+
+
+# --------------------------------------------------------------------------------------------------
+# Ahead-of-time compile check (no GPU needed): every autotune config, for a given CUDA architecture
+# --------------------------------------------------------------------------------------------------
+
+
+def compile_for_arch(fn, types: dict[str, str], constexprs: dict, config: triton.Config, arch: int = 90):
+    """Compile ``fn`` to a cubin for ``sm_<arch>`` without a GPU; returns Triton's compiled kernel.
+
+    ``types`` maps every non-constexpr argument to a Triton signature type (``*bf16``, ``i32``, ...).
+    Needs a process where Triton is *not* in interpreter mode (the interpreter patches triton.language).
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if _is_interpreted(fn):
+        raise RuntimeError("compile_for_arch needs TRITON_INTERPRET unset (run it in a separate process)")
+    meta = {**constexprs, **config.kwargs}
+    signature = {name: ("constexpr" if name in meta else types[name]) for name in fn.arg_names}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in meta.items()})
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _ipr_types(fn, h_type: str) -> dict[str, str]:
+    types = {}
+    for name in fn.arg_names:
+        if name == "h_ptr":
+            types[name] = "*" + h_type
+        elif name.endswith("_ptr"):
+            types[name] = "*fp32"
+        elif name == "inv_n":
+            types[name] = "fp32"
+        else:
+            types[name] = "i64" if name.startswith(("stride", "vs_", "os_")) else "i32"
+    return types
+
+
+def compile_report(arch: int = 90, quick: bool = False):
+    """Yield ``(kernel, variant, config kwargs, num_warps, num_stages, shared bytes)`` per compiled config.
+
+    ``quick`` compiles only the first (largest) config of each kernel and variant.
+    """
+    variants = []
+    for h_type, dot_bf16 in (("bf16", True), ("fp32", False)):
+        gram_cfgs = _GRAM_CONFIGS_BF16 if dot_bf16 else _GRAM_CONFIGS_FP32
+        grad_cfgs = _GRAD_CONFIGS_BF16 if dot_bf16 else _GRAD_CONFIGS_FP32
+        for tok in (0, 1):
+            mm = {"TOK_AXIS": tok, "NORMALIZE": True, "DOT_BF16": dot_bf16, "EMULATE_BF16": False}
+            variants.append((_ipr_gram_kernel, f"{h_type} tok_axis={tok}", h_type, mm, gram_cfgs))
+            variants.append((_ipr_grad_kernel, f"{h_type} tok_axis={tok}", h_type, mm, grad_cfgs))
+        variants.append((_ipr_stats_kernel, h_type, h_type, {"NORMALIZE": True}, _STATS_CONFIGS))
+        variants.append((_ipr_fixup_kernel, h_type, h_type, {}, _FIXUP_CONFIGS))
+    for fn, variant, h_type, constexprs, configs in variants:
+        for cfg in configs[:1] if quick else configs:
+            compiled = compile_for_arch(fn, _ipr_types(fn, h_type), constexprs, cfg, arch)
+            yield fn.__name__, variant, dict(cfg.kwargs), cfg.num_warps, cfg.num_stages, compiled.metadata.shared

@@ -308,3 +308,37 @@ def orthogonality_triton(
         u = u.float()
     intra, cross = _OrthogonalityTriton.apply(a, u)
     return intra, (cross if u is not None else None)
+
+
+def _ortho_types(fn, a_type: str, u_type: str) -> dict[str, str]:
+    types = {}
+    for name in fn.arg_names:
+        if name == "a_ptr" or name == "da_ptr":
+            types[name] = "*" + a_type
+        elif name == "u_ptr" or name == "du_ptr":
+            types[name] = "*" + u_type
+        elif name.endswith("_ptr"):
+            types[name] = "*fp32"
+        elif name in ("inv_pairs", "inv_r", "coef_intra", "coef_cross"):
+            types[name] = "fp32"
+        else:
+            types[name] = "i64" if name.startswith(("sa_", "su_")) else "i32"
+    return types
+
+
+def compile_report(arch: int = 90, quick: bool = False, block_r: int = 16, block_k: int = 16):
+    """Yield ``(kernel, variant, config kwargs, num_warps, num_stages, shared bytes)`` per compiled config
+    (ahead of time, no GPU; see :func:`supple.kernels._triton_covariance.compile_for_arch`)."""
+    from ._triton_covariance import compile_for_arch
+
+    for a_type in ("bf16", "fp32"):
+        tiles = {"BLOCK_R": block_r, "BLOCK_KU": block_k}
+        variants = [
+            (_ortho_fwd_kernel, {"HAS_U": True, **tiles}),
+            (_ortho_bwd_kernel, {"HAS_U": True, "NEED_DU": True, **tiles}),
+        ]
+        for fn, constexprs in variants:
+            for cfg in _CONFIGS[:1] if quick else _CONFIGS:
+                compiled = compile_for_arch(fn, _ortho_types(fn, a_type, "fp32"), constexprs, cfg, arch)
+                yield (fn.__name__, f"A {a_type}, U fp32, r_pad={block_r}, k_pad={block_k}", dict(cfg.kwargs),
+                       cfg.num_warps, cfg.num_stages, compiled.metadata.shared)

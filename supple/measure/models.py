@@ -135,7 +135,7 @@ def load_model(spec: str, device: str | None = "auto", dtype: str | torch.dtype 
     if spec == "embedded":
         from supple.testbed.embedded import load_embedded_model  # written by the testbed
 
-        res = load_embedded_model()
+        res = load_embedded_model(dtype=dt)
         model, tok = (res[0], res[1]) if isinstance(res, tuple) else (res, None)
         if tok is None:
             tok = AutoTokenizer.from_pretrained(model.name_or_path)

@@ -154,7 +154,7 @@ def plot_records(records: Sequence[dict], out_dir, dpi: int = 110) -> list[Path]
     for metric in GEOMETRY_PLOTS:
         if not any(r["group"] == "geometry" and r["metric"] == metric for r in records):
             continue
-        fig, axes = plt.subplots(2, 2, figsize=(9, 6.5), sharex=True)
+        fig, axes = plt.subplots(2, 2, figsize=(9, 6.5))
         for i, tokens in enumerate(("all", "no_sink")):
             for j, space in enumerate(("raw", "unit")):
                 title = f"{metric}: {'all tokens' if tokens == 'all' else 'no sink'}, {space} vectors"
@@ -164,13 +164,16 @@ def plot_records(records: Sequence[dict], out_dir, dpi: int = 110) -> list[Path]
     if any(r["metric"] == "norm_median" for r in records):
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
         for ax, metric in zip(axes, ("norm_median", "norm_max", "norm_max_over_median")):
+            values = []
             for tokens, ls in (("all", "-"), ("no_sink", "--")):
-                for m in models:
+                for i, m in enumerate(models):
                     s = _series(records, "geometry", metric, tokens, "raw").get(m)
                     if s:
-                        ax.plot(*s, ls=ls, marker="o", markersize=3, label=f"{m} ({tokens})")
-            ax.set_yscale("log")
-            _draw(ax, {}, [], f"{metric} (raw block outputs)")
+                        ax.plot(*s, ls=ls, color=f"C{i % 10}", marker="o", markersize=3, label=f"{m} ({tokens})")
+                        values += [v for v in s[1] if math.isfinite(v) and v > 0]
+            if values and max(values) > 20 * min(values):  # sinks: orders of magnitude
+                ax.set_yscale("log")
+            _draw(ax, {}, [], f"{metric} (raw block outputs)\nsolid: all tokens, dashed: no sink")
         save(fig, "norms.png")
 
     if any(r["group"] == "trajectory" for r in records):

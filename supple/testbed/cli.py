@@ -41,6 +41,7 @@ def add_parsers(subparsers) -> None:
                       help="fewer steps, probe steps and held-out items, one seed (about 5 min on 2 CPU cores)")
     size.add_argument("--full", dest="preset", action="store_const", const="full",
                       help="longer stages, longer probe, three seeds (hours on CPU)")
+    size.add_argument("--preset", choices=("quick", "default", "full", "smoke"), help=argparse.SUPPRESS)
     p.set_defaults(preset="default")
     p.add_argument("--stages", default="sft,dpo,sft2",
                    help="comma-separated stages: sft, dpo, sft2 (= sft on the second domain) or KIND:FAMILY, e.g. "

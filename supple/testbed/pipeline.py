@@ -109,6 +109,24 @@ PRESETS: dict[str, Budget] = {
         geometry_texts=8,
         geometry_tokens=256,
     ),
+    # the test suite's end-to-end run on the tiny model: every code path, a few seconds
+    "smoke": Budget(
+        name="smoke",
+        steps={"sft": 2, "dpo": 2, "sft2": 2, "grpo": 2},
+        seeds=1,
+        batch_size=2,
+        max_length=96,
+        lora_r=4,
+        lora_alpha=8,
+        n_eval=4,
+        eval_batch=4,
+        probe_steps=2,
+        probe_eval_every=1,
+        probe_batch=2,
+        probe_eval=4,
+        geometry_texts=2,
+        geometry_tokens=64,
+    ),
     # the default: ≤ 20 minutes on 2 CPU cores
     "default": Budget(name="default"),
     # longer and more meaningful (hours on CPU; minutes on a GPU)
@@ -247,6 +265,15 @@ def _peft_config(ctx: StageContext):
     )
 
 
+def prepare_trainer(trainer):
+    """Drop the trainer's own console output (the demo shows one progress bar); every stage kind calls this."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    return trainer
+
+
 def _n_train(ctx: StageContext) -> int:
     return ctx.stage.steps * ctx.budget.batch_size * ctx.budget.grad_accum
 
@@ -263,7 +290,7 @@ def run_sft_stage(ctx: StageContext) -> StageOutcome:
         model=ctx.model, args=args, train_dataset=data, processing_class=ctx.tokenizer,
         peft_config=_peft_config(ctx), callbacks=ctx.callbacks,
     )
-    trainer.train()
+    prepare_trainer(trainer).train()
     model, hist = trainer.model, list(trainer.state.log_history)
     del trainer
     return StageOutcome(model, hist, _final_means(hist, ("loss", "mean_token_accuracy")))
@@ -282,7 +309,7 @@ def run_dpo_stage(ctx: StageContext) -> StageOutcome:
         model=ctx.model, args=args, train_dataset=data, processing_class=ctx.tokenizer,
         peft_config=_peft_config(ctx), callbacks=ctx.callbacks,
     )
-    trainer.train()
+    prepare_trainer(trainer).train()
     model, hist = trainer.model, list(trainer.state.log_history)
     del trainer
     return StageOutcome(model, hist, _final_means(hist, ("loss", "rewards/accuracies", "rewards/margins")))
@@ -641,6 +668,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         probe_family=T.ROLES["probe"],
         geometry_texts=load_builtin_corpus("pydoc", max_chars=1200, limit=budget.geometry_texts),
     )
+    threads = torch.get_num_threads()
+    if cfg.model == "tiny":  # tiny ops: thread synchronisation costs more than it saves
+        torch.set_num_threads(1)
+    run_threads = torch.get_num_threads()
     t_load = time.perf_counter()
     base_model, tok, model_name = load_testbed_model(cfg.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -716,11 +747,11 @@ def run_demo(cfg: DemoConfig) -> dict:
                         for n in stage_notes:
                             if n not in notes:
                                 notes.append(n)
-                        gc.collect()
                     del model
                     gc.collect()
     finally:
         bar.close()
+        torch.set_num_threads(threads)
         if not cfg.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -741,7 +772,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             "supple_configs": supple_configs,
             "notes": notes,
             "device": device,
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": run_threads,
             "load_s": load_s,
             "total_s": time.perf_counter() - t_start,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import asdict
 from collections.abc import Sequence
 
 # (column header, metric key in the summary, decimals); per-family accuracy columns are inserted at "acc"
@@ -130,7 +131,10 @@ def write_markdown(results: dict, path: str, plots: Sequence[str] = ()) -> str:
         lines += ["", "## Notes", "", *[f"- {n}" for n in meta["notes"]]]
     if meta.get("supple_configs"):
         first = next(iter(meta["supple_configs"].values()))
-        nondefault = {k: v for k, v in first.items() if v not in (0, 0.0, None, [], False) or k == "diversity_weight"}
+        from supple import SuppleConfig
+
+        defaults = asdict(SuppleConfig())
+        nondefault = {k: v for k, v in first.items() if k in defaults and v != defaults[k] and k != "previous_adapters"}
         lines += ["", f"supple arm (first stage): `{nondefault}`"]
     for p in plots:
         lines += ["", f"![{os.path.basename(p)}]({os.path.basename(p)})"]

@@ -1,0 +1,125 @@
+"""Replay data: loading general-domain text, tokenizing it for the trainer, and mixing it into SFT data.
+
+Sources for ``SuppleConfig.replay_data``:
+- ``"builtin:pydoc"``: English prose from the Python documentation shipped with Python (no download);
+- a local ``.txt`` file (paragraphs separated by blank lines, or one text per line);
+- a local ``.jsonl`` file with a ``text`` field or a ``messages`` field (chat) per line;
+- a local ``.parquet`` file with a ``text`` or ``messages`` column;
+- or a ``datasets.Dataset`` passed as ``SuppleCallback(replay_dataset=...)``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ReplayItem = Any  # a str, or a list of chat messages ({"role", "content"})
+
+
+def _items_from_rows(rows: Sequence[dict], where: str) -> list[ReplayItem]:
+    if not rows:
+        raise ValueError(f"replay data {where} is empty: give at least one text.")
+    cols = set(rows[0])
+    if "text" in cols:
+        items = [r["text"] for r in rows]
+    elif "messages" in cols:
+        items = [r["messages"] for r in rows]
+    else:
+        raise ValueError(
+            f"replay data {where} has no 'text' or 'messages' column (found: {', '.join(sorted(cols)) or 'none'}); "
+            "rename the column holding the text to 'text'."
+        )
+    items = [it for it in items if it]
+    if not items:
+        raise ValueError(f"replay data {where} holds only empty texts.")
+    return items
+
+
+def load_replay_items(spec: str | None = None, dataset: Any | None = None) -> list[ReplayItem]:
+    """Replay texts (or chat message lists) from a spec string or a ``datasets.Dataset``."""
+    if dataset is not None:
+        if not hasattr(dataset, "column_names"):
+            raise TypeError(f"replay_dataset must be a datasets.Dataset, got {type(dataset).__name__}.")
+        return _items_from_rows([dataset[i] for i in range(len(dataset))], "replay_dataset")
+    if spec is None:
+        raise ValueError("no replay data: set SuppleConfig.replay_data or pass SuppleCallback(replay_dataset=...).")
+    if spec.startswith("builtin:"):
+        from .measure.corpus import load_builtin_corpus
+
+        return load_builtin_corpus(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"SuppleConfig.replay_data={spec!r}: no such file. Use a .txt/.jsonl/.parquet file or 'builtin:pydoc'."
+        )
+    where = f"{spec!r}"
+    if path.suffix == ".jsonl":
+        rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        return _items_from_rows(rows, where)
+    if path.suffix == ".parquet":
+        from datasets import Dataset
+
+        ds = Dataset.from_parquet(str(path))
+        return _items_from_rows([ds[i] for i in range(len(ds))], where)
+    raw = path.read_text(encoding="utf-8").strip()
+    if re.search(r"\n\s*\n", raw):
+        texts = [p.strip() for p in re.split(r"\n\s*\n", raw) if p.strip()]
+    else:
+        texts = [ln.strip() for ln in raw.splitlines() if ln.strip()]
+    if not texts:
+        raise ValueError(f"replay data {where} is empty: give at least one text.")
+    return texts
+
+
+def tokenize_replay_item(item: ReplayItem, tokenizer: Any, max_length: int) -> list[int]:
+    """Token ids of one replay item: chat messages through the tokenizer's chat template, text as is."""
+    if isinstance(item, str):
+        ids = tokenizer(item, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    elif isinstance(item, (list, tuple)) and all(isinstance(m, dict) for m in item):
+        ids = tokenizer.apply_chat_template(list(item), tokenize=True, add_generation_prompt=False)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        ids = list(ids)[:max_length]
+    else:
+        raise ValueError(f"cannot tokenize replay item of type {type(item).__name__}: expected text or messages.")
+    if len(ids) < 2:
+        raise ValueError("replay item is shorter than two tokens.")
+    return list(ids)
+
+
+def mix_replay(train_dataset: Any, replay_dataset: Any, ratio: float, seed: int = 0) -> Any:
+    """Mix replay rows into an SFT dataset at the data level.
+
+    Returns a shuffled ``datasets.Dataset`` in which a fraction ``ratio`` (0 ≤ ratio < 1) of the rows comes
+    from ``replay_dataset`` (sampled without replacement while possible, then with), the rest being every
+    row of ``train_dataset``. Replay rows keep only the columns the train dataset has (``text`` or
+    ``messages``), so both must share that column.
+    """
+    from datasets import Dataset, concatenate_datasets
+
+    if not 0 <= ratio < 1:
+        raise ValueError(f"mix_replay: ratio={ratio} must be in [0, 1) (the fraction of replay rows).")
+    n_train = len(train_dataset)
+    n_replay = round(ratio / (1 - ratio) * n_train)
+    col = "text" if "text" in train_dataset.column_names else "messages"
+    if col not in train_dataset.column_names:
+        raise ValueError("mix_replay: the train dataset needs a 'text' or 'messages' column.")
+    if col not in replay_dataset.column_names:
+        raise ValueError(f"mix_replay: the replay dataset has no {col!r} column like the train dataset.")
+    if len(replay_dataset) == 0 and n_replay:
+        raise ValueError("mix_replay: the replay dataset is empty.")
+    import random
+
+    rng = random.Random(seed)
+    order = list(range(len(replay_dataset)))
+    picks: list[int] = []
+    while len(picks) < n_replay:
+        rng.shuffle(order)
+        picks.extend(order[: n_replay - len(picks)])
+    replay_rows = Dataset.from_dict({col: [replay_dataset[i][col] for i in picks]}) if picks else None
+    base = train_dataset.select_columns([col])
+    mixed = concatenate_datasets([base, replay_rows]) if replay_rows is not None else base
+    return mixed.shuffle(seed=seed)

