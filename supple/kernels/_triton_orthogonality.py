@@ -195,18 +195,29 @@ def _cfg(block_d: int, num_warps: int, num_stages: int = 3) -> triton.Config:
     return triton.Config({"BLOCK_D": block_d}, num_warps=num_warps, num_stages=num_stages)
 
 
-_CONFIGS = [_cfg(64, 4), _cfg(128, 4), _cfg(128, 8), _cfg(256, 8), _cfg(512, 8, 2)]
+_CONFIGS = [
+    _cfg(32, 4), _cfg(64, 4), _cfg(64, 8), _cfg(128, 4), _cfg(128, 8), _cfg(256, 8), _cfg(512, 8, 2),
+    _cfg(32, 8, 2),
+]
+_SMEM_BUDGET = 200 * 1024  # bytes; H100 allows 227 KB per block
 
 
 def _prune(configs, named_args, **kwargs):
+    """Keep configs whose pipelined fp32 A/U tiles fit shared memory and suit the problem size.
+
+    The estimate (r_pad + k_pad)·BLOCK_D·4 B per stage matches the compiled sm_90 kernels within
+    about 1.5× (see ``compile_report``); large r tiles (a r_pad² fp32 accumulator) get 8 warps.
+    """
     d_in = int(named_args.get("d_in") or kwargs.get("d_in") or 1)
-    block_r = int(kwargs.get("BLOCK_R") or named_args.get("BLOCK_R") or 16)
+    block_r = int(kwargs.get("BLOCK_R") or 16)
+    block_k = int(kwargs.get("BLOCK_KU") or 16) if kwargs.get("HAS_U", True) else 0
     kept = [
         c for c in configs
-        if c.kwargs["BLOCK_D"] <= max(64, 2 * triton.next_power_of_2(d_in))
-        and block_r * c.kwargs["BLOCK_D"] <= 128 * 256  # keep the A tile within registers
+        if c.kwargs["BLOCK_D"] <= max(32, 2 * triton.next_power_of_2(d_in))
+        and (block_r + block_k) * c.kwargs["BLOCK_D"] * 4 * c.num_stages <= _SMEM_BUDGET
+        and (block_r < 64 or c.num_warps >= 8)
     ]
-    return kept or [configs[0]]
+    return kept or [configs[-1]]
 
 
 #: Fixed meta-parameters under ``TRITON_INTERPRET=1`` (no autotuning there).
@@ -338,7 +349,8 @@ def compile_report(arch: int = 90, quick: bool = False, block_r: int = 16, block
             (_ortho_bwd_kernel, {"HAS_U": True, "NEED_DU": True, **tiles}),
         ]
         for fn, constexprs in variants:
-            for cfg in _CONFIGS[:1] if quick else _CONFIGS:
+            configs = _prune(_CONFIGS, {"d_in": 1 << 20}, **constexprs)
+            for cfg in configs[:1] if quick else configs:
                 compiled = compile_for_arch(fn, _ortho_types(fn, a_type, "fp32"), constexprs, cfg, arch)
                 yield (fn.__name__, f"A {a_type}, U fp32, r_pad={block_r}, k_pad={block_k}", dict(cfg.kwargs),
                        cfg.num_warps, cfg.num_stages, compiled.metadata.shared)
