@@ -580,13 +580,15 @@ def _ipr_types(fn, h_type: str) -> dict[str, str]:
     return types
 
 
-def compile_report(arch: int = 90, quick: bool = False):
+def compile_report(arch: int = 90, quick: bool = False, h_types: tuple[str, ...] = ("bf16", "fp32")):
     """Yield ``(kernel, variant, config kwargs, num_warps, num_stages, shared bytes)`` per compiled config.
 
-    ``quick`` compiles only the first (largest) config of each kernel and variant.
+    ``quick`` compiles only the first (largest) config of each kernel and variant; ``h_types`` are the
+    input types (``bf16`` stands for both 16-bit types: fp16 shares the bf16-operand code path).
     """
     variants = []
-    for h_type, dot_bf16 in (("bf16", True), ("fp32", False)):
+    for h_type in h_types:
+        dot_bf16 = h_type != "fp32"
         gram_cfgs = _GRAM_CONFIGS_BF16 if dot_bf16 else _GRAM_CONFIGS_FP32
         grad_cfgs = _GRAD_CONFIGS_BF16 if dot_bf16 else _GRAD_CONFIGS_FP32
         for tok in (0, 1):

@@ -337,12 +337,18 @@ def _ortho_types(fn, a_type: str, u_type: str) -> dict[str, str]:
     return types
 
 
-def compile_report(arch: int = 90, quick: bool = False, block_r: int = 16, block_k: int = 16):
+def compile_report(
+    arch: int = 90,
+    quick: bool = False,
+    block_r: int = 16,
+    block_k: int = 16,
+    a_types: tuple[str, ...] = ("bf16", "fp32"),
+):
     """Yield ``(kernel, variant, config kwargs, num_warps, num_stages, shared bytes)`` per compiled config
     (ahead of time, no GPU; see :func:`supple.kernels._triton_covariance.compile_for_arch`)."""
     from ._triton_covariance import compile_for_arch
 
-    for a_type in ("bf16", "fp32"):
+    for a_type in a_types:
         tiles = {"BLOCK_R": block_r, "BLOCK_KU": block_k}
         variants = [
             (_ortho_fwd_kernel, {"HAS_U": True, **tiles}),

@@ -1,0 +1,175 @@
+"""Batched LoRA decorrelation penalty vs a per-module Python loop, for 7B-like LoRA shapes.
+
+Usage::
+
+    python benchmarks/lora_batched.py                    # 224 modules, r=16, d_in 4096 / 11008, k=16
+    python benchmarks/lora_batched.py --reps 30 --threads 2
+
+Shapes (Llama-2-7B with LoRA on every linear layer): per layer q, k, v, o, gate, up read d_in = 4096 and
+down reads d_in = 11008; 32 layers x 7 = 224 modules, LoRA A of shape (r, d_in), r = 16, fp32 leaves.
+So two shape groups: 192 x (16, 4096) and 32 x (16, 11008). Cross-stage bases U: (d_in, k), k = 16,
+orthonormal, fixed.
+
+Both variants compute the same scalar, mean intra (+ mean cross) over all modules, and its gradient
+with respect to every A (forward + backward, ``torch.autograd.grad``), as the callback does once per
+optimizer step:
+
+- batched: one ``lora_penalties`` call per shape group on ``torch.stack`` of the group's A matrices
+  (the stack is included in the time: the callback stacks every step);
+- loop: one ``lora_penalties`` call per module on a stack of one (M = 1), then the sum.
+
+The variants are timed alternately (order swapped every repetition), ``--reps`` times each, with and
+without the cross bases; reported: median time of each, and median and IQR of the per-repetition ratio
+loop / batched. The gradients of the two are checked to agree before timing. Writes
+``benchmarks/results/lora_batched.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+if importlib.util.find_spec("supple") is None:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def quantile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    pos = (len(s) - 1) * q
+    lo, hi = int(pos), min(int(pos) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def make_modules(layers: int, rank: int, d_model: int, d_ff: int, k: int, seed: int):
+    """Groups [(params, bases)] of 7B-like LoRA A matrices: 6 per layer at d_model, 1 at d_ff."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = []
+    for d_in, per_layer in ((d_model, 6), (d_ff, 1)):
+        m = layers * per_layer
+        params = [torch.nn.Parameter(torch.randn(rank, d_in, generator=gen) / d_in**0.5) for _ in range(m)]
+        bases = torch.linalg.qr(torch.randn(m, d_in, k, generator=gen)).Q.contiguous()
+        groups.append((params, bases))
+    return groups
+
+
+def batched(groups, cross: bool):
+    from supple.regularizers.lora import lora_penalties
+
+    params, total, n = [], None, sum(len(p) for p, _ in groups)
+    for ps, u in groups:
+        intra, xs = lora_penalties(torch.stack(ps), u if cross else None)
+        term = intra.sum() + (xs.sum() if cross else 0.0)
+        total = term if total is None else total + term
+        params += ps
+    return torch.autograd.grad(total / n, params)
+
+
+def loop(groups, cross: bool):
+    from supple.regularizers.lora import lora_penalties
+
+    params, total, n = [], None, sum(len(p) for p, _ in groups)
+    for ps, u in groups:
+        for i, p in enumerate(ps):
+            intra, xs = lora_penalties(p.unsqueeze(0), u[i : i + 1] if cross else None)
+            term = intra.sum() + (xs.sum() if cross else 0.0)
+            total = term if total is None else total + term
+            params.append(p)
+    return torch.autograd.grad(total / n, params)
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--d-model", type=int, default=4096)
+    p.add_argument("--d-ff", type=int, default=11008)
+    p.add_argument("--k", type=int, default=16, help="columns of each cross-stage basis")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads (0 = torch's default); 1 is stable on a shared machine")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    groups = make_modules(args.layers, args.rank, args.d_model, args.d_ff, args.k, args.seed)
+    n_modules = sum(len(ps) for ps, _ in groups)
+    shapes = " + ".join(f"{len(ps)} x ({args.rank}, {ps[0].shape[1]})" for ps, _ in groups)
+    date = _dt.date.today().isoformat()
+    rows = []
+    print(f"LoRA decorrelation penalty, forward + backward: {n_modules} modules [{shapes}], fp32, "
+          f"{torch.get_num_threads()} torch threads, {args.reps} reps, {date}")
+    print(f"{'variant':<14}{'batched ms':>12}{'loop ms':>10}{'loop/batched':>14}{'IQR':>18}{'target':>9}")
+    for cross in (False, True):
+        gb, gl = batched(groups, cross), loop(groups, cross)
+        worst = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(gb, gl))
+        if worst > 1e-4:
+            raise AssertionError(f"batched and loop gradients differ (max relative {worst:.2e})")
+        for _ in range(args.warmup):
+            batched(groups, cross)
+            loop(groups, cross)
+        tb, tl, ratios = [], [], []
+        for rep in range(args.reps):
+            if rep % 2 == 0:
+                b, lo = timed(lambda: batched(groups, cross)), timed(lambda: loop(groups, cross))
+            else:
+                lo, b = timed(lambda: loop(groups, cross)), timed(lambda: batched(groups, cross))
+            tb.append(b)
+            tl.append(lo)
+            ratios.append(lo / b)
+        name = "intra+cross" if cross else "intra"
+        row = dict(
+            variant=name,
+            modules=n_modules,
+            rank=args.rank,
+            d_in=f"{args.d_model}/{args.d_ff}",
+            k=args.k if cross else 0,
+            batched_ms_median=statistics.median(tb) * 1e3,
+            loop_ms_median=statistics.median(tl) * 1e3,
+            speedup_median=statistics.median(ratios),
+            speedup_q25=quantile(ratios, 0.25),
+            speedup_q75=quantile(ratios, 0.75),
+            speedup_of_medians=statistics.median(tl) / statistics.median(tb),
+            max_grad_rel_diff=worst,
+            target=5.0,
+            reps=args.reps,
+            threads=torch.get_num_threads(),
+            date=date,
+            torch=torch.__version__,
+            machine=f"{platform.machine()} {os.cpu_count()} cpu",
+        )
+        rows.append(row)
+        iqr = "[{:.2f}, {:.2f}]".format(row["speedup_q25"], row["speedup_q75"])
+        print(f"{name:<14}{row['batched_ms_median']:>12.1f}{row['loop_ms_median']:>10.1f}"
+              f"{row['speedup_median']:>13.2f}x{iqr:>18}{'>=5x':>9}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "lora_batched.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""Mixed precision, fp16 loss scaling, faults, a table of bad inputs, and file-safety guarantees."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import DPOTrainer, SFTTrainer
+
+import supple.callbacks.diversity as diversity_mod
+from supple import SuppleCallback, SuppleConfig
+
+from ._runs import assert_params_close, reference_class, run, trainable_state
+from ._tiny import make_tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_bf16_autocast_equivalence_with_penalties_in_fp32(tmp_path, kind, monkeypatch):
+    dtypes = []
+    real = diversity_mod.penalty_value_and_grad
+
+    def spy(name, h, normalize):
+        p, g = real(name, h, normalize)
+        dtypes.append((torch.is_autocast_enabled("cpu"), p.dtype, g.dtype))
+        return p, g
+
+    monkeypatch.setattr(diversity_mod, "penalty_value_and_grad", spy)
+    cfg = SuppleConfig(diversity_weight=1.0, diversity_max_tokens=0, decorrelation_weight=1.0)
+    bf16 = {"bf16": True}
+    a = run(kind, callbacks=[SuppleCallback(cfg)], ga=2, out=tmp_path / "a", extra_args=bf16)
+    base = SFTTrainer if kind == "sft" else DPOTrainer
+    b = run(kind, trainer_cls=reference_class(base, 1.0, intra_weight=1.0), ga=2, out=tmp_path / "b", extra_args=bf16)
+    assert dtypes and all(d == (False, torch.float32, torch.float32) for d in dtypes)
+    assert_params_close(trainable_state(a), trainable_state(b), rtol=2e-2, atol=2e-3)  # bf16 tolerances
+
+
+def test_injected_gradients_carry_the_grad_scaler_scale():
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    cb = SuppleCallback(SuppleConfig(diversity_weight=1.0))
+    cb.trainer = SimpleNamespace(accelerator=SimpleNamespace(scaler=scaler), current_gradient_accumulation_steps=2)
+    assert cb._grad_scale() == 1024.0 and cb._micro_coeff() == 512.0
+    scaler.scale(torch.ones(()))  # as a training step would, then a manual scale change
+    scaler.update(512.0)
+    assert cb._grad_scale() == 512.0
+    cb.trainer = SimpleNamespace(accelerator=SimpleNamespace(scaler=None), current_gradient_accumulation_steps=4)
+    assert cb._grad_scale() == 1.0 and cb._micro_coeff() == 0.25
+    # the tap multiplies the hand-derived gradient by exactly that coefficient
+    taps = diversity_mod.DiversityTaps("ipr", 2.0, [0], 0, True, coeff_fn=lambda: 1024.0, rng_fn=lambda: (0, 0, 0))
+    taps.layers = [0]
+    hidden = torch.randn(1, 6, 8, requires_grad=True)
+    out = taps._tap(hidden, 0)
+    out.backward(torch.zeros_like(out))
+    _, g = diversity_mod.penalty_value_and_grad("ipr", hidden.detach().reshape(6, 8), True)
+    torch.testing.assert_close(hidden.grad.reshape(6, 8), 2.0 * 1024.0 * g)
+
+
+def test_nan_hidden_states_inject_nothing():
+    taps = diversity_mod.DiversityTaps("ipr", 1.0, [0], 0, True, coeff_fn=lambda: 1.0, rng_fn=lambda: (0, 0, 0))
+    taps.layers = [0]
+    hidden = torch.randn(2, 5, 8)
+    hidden[1, 2, 3] = float("nan")
+    hidden.requires_grad_(True)
+    out = taps._tap(hidden, 0)
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    assert torch.equal(hidden.grad, upstream)
+    with pytest.warns(UserWarning, match="not finite"):
+        mean, skipped = taps.collect()
+    assert mean is None and skipped == 1
+
+
+def _make_adapter(tmp_path):
+    tr = run("sft", steps=1, out=tmp_path / "s1")
+    tr.model.save_pretrained(str(tmp_path / "adapter"))
+    return str(tmp_path / "adapter")
+
+
+BAD_TRAIN_BEGIN = [
+    ("layer index", lambda p: SuppleCallback(SuppleConfig(diversity_weight=0.1, diversity_layers=[0, 9])), {},
+     ValueError, "out of range"),
+    ("missing previous adapter", lambda p: SuppleCallback(SuppleConfig(
+        decorrelation_cross_weight=0.1, previous_adapters=[str(p / "nope")])), {}, FileNotFoundError, "does not exist"),
+    ("mismatched previous adapter", lambda p: SuppleCallback(SuppleConfig(
+        decorrelation_cross_weight=0.1, previous_adapters=[_make_adapter(p)])), {"model_kw": {"hidden_size": 48}},
+     ValueError, "input size 48"),
+    ("empty replay data", lambda p: SuppleCallback(SuppleConfig(), replay_dataset=Dataset.from_list([])), {},
+     ValueError, "empty"),
+    ("replay without text", lambda p: SuppleCallback(SuppleConfig(), replay_dataset=Dataset.from_list([{"x": 1}])),
+     {}, ValueError, "no 'text' or 'messages'"),
+    ("decorrelation without LoRA", lambda p: SuppleCallback(SuppleConfig(decorrelation_weight=0.1)), {"lora": False},
+     ValueError, "PEFT LoRA"),
+    ("relora without LoRA", lambda p: SuppleCallback(SuppleConfig(refresh_method="relora")), {"lora": False},
+     ValueError, "has none"),
+    ("cross weight without subspace", lambda p: SuppleCallback(SuppleConfig(decorrelation_cross_weight=0.1)), {},
+     ValueError, "previous_adapters"),
+]
+
+
+@pytest.mark.parametrize("label,make_cb,opts,exc,match", BAD_TRAIN_BEGIN, ids=[c[0] for c in BAD_TRAIN_BEGIN])
+def test_bad_input_fails_before_the_first_step(tmp_path, label, make_cb, opts, exc, match):
+    cb = make_cb(tmp_path)
+    model = make_tiny_llama(**opts.get("model_kw", {}))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(exc, match=match):
+        run("sft", model=model, lora=opts.get("lora", True), callbacks=[cb], out=tmp_path / "run")
+    for n, p in model.named_parameters():  # nothing was trained
+        if n in before:
+            assert torch.equal(p.detach(), before[n]), n
+
+
+def test_callback_passed_twice_fails_before_the_first_step(tmp_path):
+    cfg = SuppleConfig(diversity_weight=0.1)
+    with pytest.raises(ValueError, match="more than once"):
+        run("sft", callbacks=[SuppleCallback(cfg), SuppleCallback(cfg)], out=tmp_path)
+
+
+def test_replay_dataset_of_wrong_type_is_an_error(tmp_path):
+    with pytest.raises(TypeError, match="datasets.Dataset"):
+        run("sft", callbacks=[SuppleCallback(SuppleConfig(), replay_dataset=["a list"])], out=tmp_path)
+
+
+def test_no_unpickling_and_no_network_in_the_package():
+    """supple reads user files with safetensors only and never opens network connections itself."""
+    offenders = []
+    for path in (ROOT / "supple").rglob("*.py"):
+        text = path.read_text()
+        for pattern in (r"\bpickle\.load", r"torch\.load\((?![^)]*weights_only=True)", r"\bimport requests\b",
+                        r"urllib\.request", r"\bsocket\b", r"hf_hub_download", r"snapshot_download"):
+            if re.search(pattern, text):
+                offenders.append(f"{path.relative_to(ROOT)}: {pattern}")
+    assert not offenders, offenders
