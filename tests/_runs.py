@@ -96,6 +96,8 @@ def reference_class(base_cls, diversity_weight=0.0, layers=(-1,), intra_weight=0
             extra = loss.new_zeros(())
             if diversity_weight:
                 mask = inputs.get("attention_mask")
+                if mask is None and "prompt_mask" in inputs:  # GRPO: prompt + completion
+                    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
                 pens = []
                 for k in idxs:
                     h = captured[k]
