@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-_COMMAND_MODULES = ("supple.testbed.cli", "supple.measure.cli")
+_COMMAND_MODULES = ("supple.testbed.cli", "supple.measure.cli", "supple.measure.coverage")
 
 
 def build_parser() -> argparse.ArgumentParser:
