@@ -8,6 +8,16 @@ import torch
 from torch import nn
 
 _BLOCK_LIST_NAMES = ("layers", "h", "blocks", "layer", "decoder_layers")
+_BLOCK_PATHS = (  # where the common architectures keep their decoder blocks
+    "model.layers",  # Llama, Qwen2, Mistral, Gemma
+    "model.language_model.layers",
+    "model.decoder.layers",  # OPT
+    "transformer.h",  # GPT-2, GPT-J, Falcon
+    "transformer.layers",
+    "transformer.blocks",
+    "gpt_neox.layers",
+    "backbone.layers",
+)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -50,6 +60,13 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     block list is found.
     """
     base = unwrap_model(model)
+    for path in _BLOCK_PATHS:
+        try:
+            mod = base.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            return path, mod
     want = num_hidden_layers(base)
     candidates: list[tuple[int, str, nn.ModuleList]] = []
     for name, mod in base.named_modules():

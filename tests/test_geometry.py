@@ -86,7 +86,9 @@ def test_gram_and_feature_side_agree_and_pr_is_inverse_ipr():
         sv = torch.linalg.svdvals(zc)
         p = sv / sv.sum()
         er = math.exp(-(p * p.clamp_min(1e-300).log()).sum().item())
-        assert effective_rank(h, normalize_tokens=normalize, dtype=torch.float64).item() == pytest.approx(er, rel=1e-6)
+        assert effective_rank(h, normalize_tokens=normalize, dtype=torch.float64).item() == pytest.approx(
+            er, rel=1e-6
+        )
 
 
 def test_geometry_summary_matches_single_functions():
@@ -99,7 +101,9 @@ def test_geometry_summary_matches_single_functions():
     assert s["pr_ratio"].item() == pytest.approx(s["participation_ratio"].item() / 20, rel=1e-10)
     assert s["top_pc_share"].item() == pytest.approx(top_pc_share(h, **kw).item(), rel=1e-10)
     assert s["anisotropy"].item() == pytest.approx(anisotropy(h, **kw).item(), rel=1e-10)
-    assert s["anisotropy_centered"].item() == pytest.approx(anisotropy(h, center=True, **kw).item(), abs=1e-10)
+    assert s["anisotropy_centered"].item() == pytest.approx(
+        anisotropy(h, center=True, **kw).item(), abs=1e-10
+    )
 
 
 def test_unit_normalization_removes_massive_activation():
@@ -109,7 +113,9 @@ def test_unit_normalization_removes_massive_activation():
     assert participation_ratio(h, normalize_tokens=True).item() > 10
     scaled = h * torch.rand(400, 1, generator=_gen(5)).add(0.5)
     for f in (effective_rank, participation_ratio, top_pc_share):
-        assert f(scaled, normalize_tokens=True).item() == pytest.approx(f(h, normalize_tokens=True).item(), rel=1e-4)
+        assert f(scaled, normalize_tokens=True).item() == pytest.approx(
+            f(h, normalize_tokens=True).item(), rel=1e-4
+        )
 
 
 def test_anisotropy_closed_forms():
@@ -185,7 +191,9 @@ def test_lora_delta_spectrum():
 
 def test_subspace_overlap():
     e = torch.eye(6)
-    assert subspace_overlap(e[:, :2], e[:, :2] @ torch.tensor([[2.0, 1.0], [0.0, 1.0]])).item() == pytest.approx(1.0)
+    assert subspace_overlap(
+        e[:, :2], e[:, :2] @ torch.tensor([[2.0, 1.0], [0.0, 1.0]])
+    ).item() == pytest.approx(1.0)
     assert subspace_overlap(e[:, :2], e[:, 2:4]).item() == pytest.approx(0.0, abs=1e-7)
     assert subspace_overlap(e[:, [0, 1]], e[:, [0, 2]]).item() == pytest.approx(0.5)
     torch.testing.assert_close(principal_cosines(e[:, [0, 1]], e[:, [0, 2]]), torch.tensor([1.0, 0.0]))

@@ -17,7 +17,9 @@ import torch
 __all__ = ["brier_score", "expected_calibration_error", "next_token_stats"]
 
 
-def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> torch.Tensor:
+def expected_calibration_error(
+    confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = 15
+) -> torch.Tensor:
     """ECE of top-1 predictions: ``confidence`` (N,) in [0, 1], ``correct`` (N,) bool/0-1; 0-d fp64."""
     conf = confidence.detach().reshape(-1).double()
     acc = correct.detach().reshape(-1).double()
@@ -26,7 +28,9 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
     if conf.numel() == 0:
         return torch.full((), float("nan"), dtype=torch.float64)
     bins = (torch.ceil(conf.clamp(0, 1) * n_bins).long() - 1).clamp(0, n_bins - 1)
-    count = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).index_add_(0, bins, torch.ones_like(conf))
+    count = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).index_add_(
+        0, bins, torch.ones_like(conf)
+    )
     sum_conf = torch.zeros_like(count).index_add_(0, bins, conf)
     sum_acc = torch.zeros_like(count).index_add_(0, bins, acc)
     return (sum_acc - sum_conf).abs().sum() / conf.numel()
@@ -39,14 +43,18 @@ def brier_score(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((p * p).sum(dim=1) - 2 * py + 1).mean()
 
 
-def next_token_stats(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> dict[str, torch.Tensor]:
+def next_token_stats(
+    logits: torch.Tensor, targets: torch.Tensor, chunk: int = 256
+) -> dict[str, torch.Tensor]:
     """Per-position statistics of next-token predictions, computed in fp32 in chunks of rows.
 
     ``logits`` (N, V) at positions whose next token is ``targets`` (N,). Returns (N,) fp32 tensors
     ``entropy`` (nats), ``confidence`` (top-1 probability), ``correct`` (top-1 == target, 0/1),
     ``nll`` (−log p_target), ``brier`` (Σ_k (p_k − y_k)²) and the int ``top1`` (N,).
     """
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("entropy", "confidence", "correct", "nll", "brier", "top1")}
+    out: dict[str, list[torch.Tensor]] = {
+        k: [] for k in ("entropy", "confidence", "correct", "nll", "brier", "top1")
+    }
     for start in range(0, logits.shape[0], chunk):
         lg = logits[start : start + chunk].detach().float()
         tg = targets[start : start + chunk].reshape(-1, 1).long().to(lg.device)

@@ -7,13 +7,19 @@ import sys
 
 __all__ = ["add_parsers", "cmd_measure", "cmd_probe"]
 
-_MODEL_HELP = "a local Hugging Face model directory, a PEFT adapter directory, or 'embedded' (SmolLM2-135M-Instruct)"
+_MODEL_HELP = (
+    "a local Hugging Face model directory, a PEFT adapter directory, or 'embedded' (SmolLM2-135M-Instruct)"
+)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="weights dtype for the forward passes (default float32)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="weights dtype for the forward passes (default float32)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256, help="tokens per text at most (truncation)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
@@ -29,16 +35,28 @@ def add_parsers(subparsers) -> None:
         "the first (linear CKA per layer and the change of every metric).",
     )
     m.add_argument("models", nargs="+", metavar="MODEL", help=_MODEL_HELP)
-    m.add_argument("--data", default="builtin:pydoc",
-                   help="a text file (paragraphs separated by blank lines, else one text per line), a .jsonl with "
-                   "a 'text' field, or builtin:pydoc (default)")
+    m.add_argument(
+        "--data",
+        default="builtin:pydoc",
+        help="a text file (paragraphs separated by blank lines, else one text per line), a .jsonl with "
+        "a 'text' field, or builtin:pydoc (default)",
+    )
     m.add_argument("--out", required=True, help="output directory")
     m.add_argument("--max-texts", type=int, default=None, help="use at most this many texts")
-    m.add_argument("--max-tokens", type=int, default=4096,
-                   help="non-padding tokens measured per model (0 = all; default 4096)")
-    m.add_argument("--layers", type=int, nargs="+", default=None,
-                   help="decoder blocks for the geometry (negative from the end; default all)")
-    m.add_argument("--lens-tokens", type=int, default=1024, help="tokens run through the logit lens (0 = off)")
+    m.add_argument(
+        "--max-tokens",
+        type=int,
+        default=4096,
+        help="non-padding tokens measured per model (0 = all; default 4096)",
+    )
+    m.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="decoder blocks for the geometry (negative from the end; default all)",
+    )
+    m.add_argument("--lens-tokens", type=int, default=512, help="tokens run through the logit lens (0 = off)")
     m.add_argument("--no-plots", action="store_true", help="write JSON, CSV and the summary only")
     _common(m)
     m.set_defaults(func=cmd_measure)
@@ -50,10 +68,15 @@ def add_parsers(subparsers) -> None:
         "after (start loss, final loss, improvement, area under the curve). Deterministic given the seed.",
     )
     p.add_argument("models", nargs="+", metavar="MODEL", help=_MODEL_HELP)
-    p.add_argument("--task", default="builtin:reverse",
-                   help="builtin:reverse (default; reverse short letter strings) or a text file of training texts "
-                   "(its last 10%% are held out)")
-    p.add_argument("--out", default=None, help="output directory for probe.json, probe.csv, probe.png, probe.md")
+    p.add_argument(
+        "--task",
+        default="builtin:reverse",
+        help="builtin:reverse (default; reverse short letter strings, loss on the answers), a .jsonl with "
+        "prompt/completion (or text) fields, or a text file of training texts (of a file, the last 10%% are held out)",
+    )
+    p.add_argument(
+        "--out", default=None, help="output directory for probe.json, probe.csv, probe.png, probe.md"
+    )
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=8)
@@ -63,7 +86,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--data-seed", type=int, default=0, help="seed of a built-in task's texts")
     p.add_argument("--n-train", type=int, default=256, help="training texts of a built-in task")
     p.add_argument("--n-eval", type=int, default=64, help="held-out texts of a built-in task")
-    p.add_argument("--eval-every", type=int, default=None, help="held-out evaluation interval (default steps/10)")
+    p.add_argument(
+        "--eval-every", type=int, default=None, help="held-out evaluation interval (default steps/10)"
+    )
     _common(p)
     p.set_defaults(func=cmd_probe, max_length=128)
 
@@ -103,13 +128,25 @@ def cmd_measure(args: argparse.Namespace) -> int:
     names: list[str] = []
     taken: set[str] = set()
     ref_run = ref_records = ref_adapter = None
+    texts_used: dict[str, int] = {}
     for spec in args.models:
         model, tok, name = load_model(spec, args.device, args.dtype)
         name = _unique(name, taken)
         names.append(name)
-        run = collect(model, tok, texts, name=name, batch_size=args.batch_size, max_length=args.max_length,
-                      max_tokens=args.max_tokens or None, layers=args.layers, logit_lens=args.lens_tokens > 0,
-                      lens_max_tokens=args.lens_tokens, progress=not args.no_progress)
+        run = collect(
+            model,
+            tok,
+            texts,
+            name=name,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            max_tokens=args.max_tokens or None,
+            layers=args.layers,
+            logit_lens=args.lens_tokens > 0,
+            lens_max_tokens=args.lens_tokens,
+            progress=not args.no_progress,
+        )
+        texts_used[name] = run.texts_used
         rows = run_records(run)
         rows += lora_update_spectra(model, name=name)
         records += rows
@@ -129,7 +166,11 @@ def cmd_measure(args: argparse.Namespace) -> int:
         del model, run
         gc.collect()
     meta["names"] = names
-    paths = [write_records_json(records, out / "measure.json", meta), write_records_csv(records, out / "measure.csv")]
+    meta["texts_used"] = texts_used
+    paths = [
+        write_records_json(records, out / "measure.json", meta),
+        write_records_csv(records, out / "measure.csv"),
+    ]
     plots = [] if args.no_plots else plot_records(records, out)
     paths += plots
     paths.append(write_summary(records, out / "summary.md", meta, plots))
@@ -146,7 +187,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from .models import load_model
     from .probe import load_probe_task, plasticity_probe
 
-    train, held = load_probe_task(args.task, n_train=args.n_train, n_eval=args.n_eval, data_seed=args.data_seed)
+    train, held = load_probe_task(
+        args.task, n_train=args.n_train, n_eval=args.n_eval, data_seed=args.data_seed
+    )
     target = args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
     results = []
     taken: set[str] = set()
@@ -159,21 +202,49 @@ def cmd_probe(args: argparse.Namespace) -> int:
             model = model.merge_and_unload()
         for seed in args.seed:
             res = plasticity_probe(
-                model, tok, train, held, steps=args.steps, lr=args.lr, rank=args.rank, alpha=args.alpha,
-                batch_size=args.batch_size, max_length=args.max_length, seed=seed, target_modules=target,
-                eval_every=args.eval_every, name=name, progress=not args.no_progress,
+                model,
+                tok,
+                train,
+                held,
+                steps=args.steps,
+                lr=args.lr,
+                rank=args.rank,
+                alpha=args.alpha,
+                batch_size=args.batch_size,
+                max_length=args.max_length,
+                seed=seed,
+                target_modules=target,
+                eval_every=args.eval_every,
+                name=name,
+                progress=not args.no_progress,
             )
             res["task"] = args.task
             results.append(res)
-            print(f"{name} seed {seed}: start {res['start_loss']:.4f}  final {res['final_loss']:.4f}  "
-                  f"improvement {res['improvement']:.4f}  area {res['area']:.4f}")
+            print(
+                f"{name} seed {seed}: start {res['start_loss']:.4f}  final {res['final_loss']:.4f}  "
+                f"improvement {res['improvement']:.4f}  area {res['area']:.4f}"
+            )
         del model
         gc.collect()
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        meta = {k: getattr(args, k) for k in ("task", "steps", "lr", "rank", "alpha", "seed", "data_seed",
-                                               "n_train", "n_eval", "batch_size", "max_length")}
+        meta = {
+            k: getattr(args, k)
+            for k in (
+                "task",
+                "steps",
+                "lr",
+                "rank",
+                "alpha",
+                "seed",
+                "data_seed",
+                "n_train",
+                "n_eval",
+                "batch_size",
+                "max_length",
+            )
+        }
         meta["models"] = list(args.models)
         (out / "probe.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
         _write_probe_csv(results, out / "probe.csv")
@@ -210,7 +281,9 @@ def _plot_probe(results, path) -> None:
     for r in results:
         lab = r["model"] if r["model"] not in labelled else None
         labelled.add(r["model"])
-        axes[0].plot(r["eval_steps"], r["eval_loss"], marker="o", markersize=3, color=colors[r["model"]], label=lab)
+        axes[0].plot(
+            r["eval_steps"], r["eval_loss"], marker="o", markersize=3, color=colors[r["model"]], label=lab
+        )
         axes[1].plot(range(1, len(r["train_loss"]) + 1), r["train_loss"], color=colors[r["model"]], alpha=0.7)
     axes[0].set_title("probe: held-out loss", fontsize=9)
     axes[1].set_title("probe: training loss", fontsize=9)
@@ -227,10 +300,17 @@ def _plot_probe(results, path) -> None:
 def _write_probe_md(results, meta, path) -> None:
     lines = ["# supple probe", ""]
     lines += [f"- {k}: `{v}`" for k, v in meta.items()]
-    lines += ["", "Held-out loss of the probe task before (start) and after (final) training a fresh LoRA; "
-              "area = mean held-out loss over training (lower = learns faster).", "",
-              "| model | seed | start | final | improvement | relative | area |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Held-out loss of the probe task before (start) and after (final) training a fresh LoRA; "
+        "area = mean held-out loss over training (lower = learns faster).",
+        "",
+        "| model | seed | start | final | improvement | relative | area |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r['model']} | {r['seed']} | {r['start_loss']:.4f} | {r['final_loss']:.4f} | "
-                     f"{r['improvement']:.4f} | {r['relative_improvement']:.3f} | {r['area']:.4f} |")
+        lines.append(
+            f"| {r['model']} | {r['seed']} | {r['start_loss']:.4f} | {r['final_loss']:.4f} | "
+            f"{r['improvement']:.4f} | {r['relative_improvement']:.3f} | {r['area']:.4f} |"
+        )
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -22,7 +22,9 @@ def cka_records(run_a: MeasureRun, run_b: MeasureRun, dtype: torch.dtype = torch
     Records: group "compare", metric "linear_cka", model = run_b.name, reference = run_a.name.
     """
     if run_a.token_ids.shape != run_b.token_ids.shape or not torch.equal(run_a.token_ids, run_b.token_ids):
-        raise ValueError(f"{run_a.name} and {run_b.name} saw different tokens: CKA needs the same tokenizer and texts")
+        raise ValueError(
+            f"{run_a.name} and {run_b.name} saw different tokens: CKA needs the same tokenizer and texts"
+        )
     rows = []
     for k in sorted(set(run_a.layers) & set(run_b.layers)):
         for tokens in TOKEN_SETS:
@@ -30,8 +32,20 @@ def cka_records(run_a: MeasureRun, run_b: MeasureRun, dtype: torch.dtype = torch
             x, y = run_a.states[k][keep], run_b.states[k][keep]
             for space in SPACES:
                 v = linear_cka(x, y, normalize_tokens=space == "unit", dtype=dtype)
-                rows.append(record(run_b.name, "compare", "block_output", "linear_cka", v, layer=k,
-                                   tokens=tokens, space=space, n=int(x.shape[0]), reference=run_a.name))
+                rows.append(
+                    record(
+                        run_b.name,
+                        "compare",
+                        "block_output",
+                        "linear_cka",
+                        v,
+                        layer=k,
+                        tokens=tokens,
+                        space=space,
+                        n=int(x.shape[0]),
+                        reference=run_a.name,
+                    )
+                )
     return rows
 
 
@@ -50,8 +64,15 @@ def compare_records(records_a: Sequence[dict], records_b: Sequence[dict]) -> lis
         a, b = float(ra["value"]), float(rb["value"])
         rel = (b - a) / abs(a) if a != 0 and math.isfinite(a) else float("nan")
         row = dict(rb)
-        row.update(group="delta", value=b - a, value_a=a, value_b=b, relative=rel, reference=ra["model"],
-                   delta_of=rb["group"])
+        row.update(
+            group="delta",
+            value=b - a,
+            value_a=a,
+            value_b=b,
+            relative=rel,
+            reference=ra["model"],
+            delta_of=rb["group"],
+        )
         rows.append(row)
     return rows
 
@@ -75,5 +96,9 @@ def compare_checkpoints(
     :func:`supple.measure.core.collect` (batch_size, max_length, max_tokens, layers, ...).
     """
     run_a = collect(model_a, tokenizer, texts, name=names[0], progress=progress, **collect_kwargs)
-    run_b = collect(model_b, tokenizer_b or tokenizer, texts, name=names[1], progress=progress, **collect_kwargs)
-    return cka_records(run_a, run_b, dtype) + compare_records(run_records(run_a, dtype), run_records(run_b, dtype))
+    run_b = collect(
+        model_b, tokenizer_b or tokenizer, texts, name=names[1], progress=progress, **collect_kwargs
+    )
+    return cka_records(run_a, run_b, dtype) + compare_records(
+        run_records(run_a, dtype), run_records(run_b, dtype)
+    )

@@ -31,7 +31,19 @@ from .models import find_decoder_blocks, find_final_norm, find_lm_head, unwrap_m
 
 __all__ = ["RECORD_FIELDS", "MeasureRun", "collect", "measure_model", "run_records"]
 
-RECORD_FIELDS = ("model", "group", "source", "layer", "module", "metric", "tokens", "space", "value", "n", "reference")
+RECORD_FIELDS = (
+    "model",
+    "group",
+    "source",
+    "layer",
+    "module",
+    "metric",
+    "tokens",
+    "space",
+    "value",
+    "n",
+    "reference",
+)
 GEOMETRY_METRICS = (
     "erank",
     "erank_ratio",
@@ -45,7 +57,9 @@ TOKEN_SETS = ("all", "no_sink")
 SPACES = ("raw", "unit")
 
 
-def record(model, group, source, metric, value, *, layer=None, module=None, tokens=None, space=None, n=None, **extra):
+def record(
+    model, group, source, metric, value, *, layer=None, module=None, tokens=None, space=None, n=None, **extra
+):
     """One tidy row; ``value`` becomes a Python float (NaN when undefined)."""
     if isinstance(value, torch.Tensor):
         value = value.item()
@@ -123,7 +137,7 @@ def collect(
     max_tokens: int | None = 4096,
     layers: Sequence[int] | None = None,
     logit_lens: bool = True,
-    lens_max_tokens: int = 1024,
+    lens_max_tokens: int = 512,
     progress: bool = True,
 ) -> MeasureRun:
     """Run ``model`` over ``texts`` (in order, right-padded batches) and collect what the metrics need.
@@ -166,8 +180,15 @@ def collect(
     logit_parts: dict[str, list[torch.Tensor]] = {}
     z = torch.zeros(num_blocks, dtype=torch.float64)
     traj = {f"{m}_{t}": z.clone() for m in ("cos", "step_raw", "step_unit") for t in TOKEN_SETS}
-    traj.update(count_all=torch.zeros((), dtype=torch.float64), count_no_sink=torch.zeros((), dtype=torch.float64))
-    lens = {"agree_all": z.clone(), "agree_no_sink": z.clone(), "count_all": z.clone(), "count_no_sink": z.clone()}
+    traj.update(
+        count_all=torch.zeros((), dtype=torch.float64), count_no_sink=torch.zeros((), dtype=torch.float64)
+    )
+    lens = {
+        "agree_all": z.clone(),
+        "agree_no_sink": z.clone(),
+        "count_all": z.clone(),
+        "count_no_sink": z.clone(),
+    }
     lens_left = lens_max_tokens if logit_lens and norm is not None else 0
 
     was_training = model.training
@@ -210,19 +231,21 @@ def collect(
             has_next[:, :-1] &= valid[:, 1:]
             has_next[:, -1] = False
             targets = ids[:, 1:][has_next[:, :-1]]
-            st = next_token_stats(logits[has_next.to(device)], targets.to(device))
+            st = next_token_stats(logits[has_next.to(logits.device)], targets.to(logits.device))
             for k, v in st.items():
                 logit_parts.setdefault(k, []).append(v.cpu())
 
             # hidden states and trajectories
             ns = (~first).to(device)
-            prev = captured[-1][sel_d].float()
-            final_top = logits[sel_d].argmax(dim=-1)
+            prev = captured[-1].to(device)[sel_d].float()
+            final_top = logits.to(device)[sel_d].argmax(dim=-1)
             traj["count_all"] += n_kept
             traj["count_no_sink"] += float(ns.sum())
             lens_n = min(lens_left, n_kept)
             for k in range(num_blocks):
                 h = captured[k]
+                if h.device != device:  # a model split over devices: measure on the input device
+                    h = h.to(device)
                 cur = h[sel_d].float()
                 if k in states:
                     states[k].append(cur.cpu())
@@ -235,7 +258,8 @@ def collect(
                 prev = cur
                 if lens_n > 0:
                     hl = h[sel_d][:lens_n]
-                    top = torch.cat([head(norm(c)).argmax(dim=-1) for c in hl.split(256)])
+                    hd = next(head.parameters()).device
+                    top = torch.cat([head(norm(c.to(hd))).argmax(dim=-1).to(device) for c in hl.split(256)])
                     agree = (top == final_top[:lens_n]).double()
                     nsl = ns[:lens_n]
                     lens["agree_all"][k] += agree.sum().cpu()
@@ -276,11 +300,32 @@ def geometry_records(run: MeasureRun, dtype: torch.dtype = torch.float64) -> lis
                 summ = geometry_summary(x, normalize_tokens=space == "unit", dtype=dtype)
                 for metric in GEOMETRY_METRICS:
                     rows.append(
-                        record(run.name, "geometry", "block_output", metric, summ[metric],
-                               layer=k, tokens=tokens, space=space, n=n)
+                        record(
+                            run.name,
+                            "geometry",
+                            "block_output",
+                            metric,
+                            summ[metric],
+                            layer=k,
+                            tokens=tokens,
+                            space=space,
+                            n=n,
+                        )
                     )
             for metric, v in norm_stats(x, dtype=dtype).items():
-                rows.append(record(run.name, "geometry", "block_output", metric, v, layer=k, tokens=tokens, space="raw", n=n))
+                rows.append(
+                    record(
+                        run.name,
+                        "geometry",
+                        "block_output",
+                        metric,
+                        v,
+                        layer=k,
+                        tokens=tokens,
+                        space="raw",
+                        n=n,
+                    )
+                )
     return rows
 
 
@@ -310,18 +355,72 @@ def trajectory_records(run: MeasureRun) -> list[dict]:
         n = int(cnt)
         mean = {key: t[f"{key}_{tokens}"] / cnt.clamp_min(1) for key in ("cos", "step_raw", "step_unit")}
         for k in range(run.num_blocks):
-            rows.append(record(run.name, "trajectory", "block_output", "cos_prev", mean["cos"][k], layer=k, tokens=tokens, n=n))
-            rows.append(record(run.name, "trajectory", "block_output", "step_length", mean["step_raw"][k],
-                               layer=k, tokens=tokens, space="raw", n=n))
-            rows.append(record(run.name, "trajectory", "block_output", "step_length", mean["step_unit"][k],
-                               layer=k, tokens=tokens, space="unit", n=n))
+            rows.append(
+                record(
+                    run.name,
+                    "trajectory",
+                    "block_output",
+                    "cos_prev",
+                    mean["cos"][k],
+                    layer=k,
+                    tokens=tokens,
+                    n=n,
+                )
+            )
+            rows.append(
+                record(
+                    run.name,
+                    "trajectory",
+                    "block_output",
+                    "step_length",
+                    mean["step_raw"][k],
+                    layer=k,
+                    tokens=tokens,
+                    space="raw",
+                    n=n,
+                )
+            )
+            rows.append(
+                record(
+                    run.name,
+                    "trajectory",
+                    "block_output",
+                    "step_length",
+                    mean["step_unit"][k],
+                    layer=k,
+                    tokens=tokens,
+                    space="unit",
+                    n=n,
+                )
+            )
             if run.lens:
                 c = run.lens[f"count_{tokens}"][k]
                 v = run.lens[f"agree_{tokens}"][k] / c if c > 0 else float("nan")
-                rows.append(record(run.name, "trajectory", "logit_lens", "lens_agreement", v, layer=k, tokens=tokens, n=int(c)))
+                rows.append(
+                    record(
+                        run.name,
+                        "trajectory",
+                        "logit_lens",
+                        "lens_agreement",
+                        v,
+                        layer=k,
+                        tokens=tokens,
+                        n=int(c),
+                    )
+                )
         for space, key in (("raw", "step_raw"), ("unit", "step_unit")):
-            rows.append(record(run.name, "trajectory", "block_output", "trajectory_length", mean[key].sum(),
-                               tokens=tokens, space=space, n=n))
+            rows.append(
+                record(
+                    run.name,
+                    "trajectory",
+                    "block_output",
+                    "trajectory_length",
+                    mean[key].sum(),
+                    tokens=tokens,
+                    space=space,
+                    n=n,
+                )
+            )
     return rows
 
 
@@ -341,7 +440,7 @@ def measure_model(
     max_tokens: int | None = 4096,
     layers: Sequence[int] | None = None,
     logit_lens: bool = True,
-    lens_max_tokens: int = 1024,
+    lens_max_tokens: int = 512,
     lora: bool = True,
     progress: bool = True,
     dtype: torch.dtype = torch.float64,
@@ -355,8 +454,17 @@ def measure_model(
     ``dtype``: precision of the geometry (float64 default; fp32 at least).
     """
     run = collect(
-        model, tokenizer, texts, name=name, batch_size=batch_size, max_length=max_length, max_tokens=max_tokens,
-        layers=layers, logit_lens=logit_lens, lens_max_tokens=lens_max_tokens, progress=progress,
+        model,
+        tokenizer,
+        texts,
+        name=name,
+        batch_size=batch_size,
+        max_length=max_length,
+        max_tokens=max_tokens,
+        layers=layers,
+        logit_lens=logit_lens,
+        lens_max_tokens=lens_max_tokens,
+        progress=progress,
     )
     rows = run_records(run, dtype)
     if lora:

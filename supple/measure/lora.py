@@ -83,7 +83,11 @@ def _factors_from_model(model, adapter_name: str | None) -> dict[str, LoraFactor
     base = unwrap_model(model)
     out = {}
     for name, mod in base.named_modules():
-        la, lb, scal = getattr(mod, "lora_A", None), getattr(mod, "lora_B", None), getattr(mod, "scaling", None)
+        la, lb, scal = (
+            getattr(mod, "lora_A", None),
+            getattr(mod, "lora_B", None),
+            getattr(mod, "scaling", None),
+        )
         if not isinstance(la, torch.nn.ModuleDict) or not isinstance(lb, torch.nn.ModuleDict) or scal is None:
             continue
         if adapter_name is not None:
@@ -121,11 +125,15 @@ def lora_update_spectra(source, adapter_name: str | None = None, name: str = "mo
         _, s, _ = lora_delta_svd(f.a, f.b, f.scaling, dtype=torch.float64)
         layer, short = _split_name(mod_name)
         for metric, v in singular_value_stats(s).items():
-            rows.append(record(name, "lora", "lora_delta", metric, v, layer=layer, module=short, n=int(f.a.shape[0])))
+            rows.append(
+                record(name, "lora", "lora_delta", metric, v, layer=layer, module=short, n=int(f.a.shape[0]))
+            )
     return rows
 
 
-def _subspaces(factors: dict[str, LoraFactors], k: int | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _subspaces(
+    factors: dict[str, LoraFactors], k: int | None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     out = {}
     for name, f in factors.items():
         u, s, vh = lora_delta_svd(f.a, f.b, f.scaling, dtype=torch.float64)
@@ -169,6 +177,17 @@ def adapter_overlap(
                 v = float("nan")
             else:
                 v = subspace_overlap(x, y, dtype=torch.float64)
-            rows.append(record(names[1], "lora", "overlap", metric, v, layer=layer, module=short,
-                               n=int(min(x.shape[1], y.shape[1])), reference=names[0]))
+            rows.append(
+                record(
+                    names[1],
+                    "lora",
+                    "overlap",
+                    metric,
+                    v,
+                    layer=layer,
+                    module=short,
+                    n=int(min(x.shape[1], y.shape[1])),
+                    reference=names[0],
+                )
+            )
     return rows

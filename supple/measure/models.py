@@ -14,63 +14,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..modeling import find_decoder_blocks as _find_blocks
+from ..modeling import unwrap_model
+
 __all__ = ["find_decoder_blocks", "find_final_norm", "find_lm_head", "load_model", "unwrap_model"]
 
-_BLOCK_PATHS = (
-    "model.layers",
-    "model.language_model.layers",
-    "model.decoder.layers",
-    "transformer.h",
-    "transformer.layers",
-    "transformer.blocks",
-    "gpt_neox.layers",
-    "backbone.layers",
-    "layers",
-    "h",
-)
 _NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The underlying transformers model of a PEFT ``PeftModel`` (LoRA layers stay injected), else ``model``."""
-    seen = 0
-    while hasattr(model, "get_base_model") and seen < 4:
-        base = model.get_base_model()
-        if base is model:
-            break
-        model, seen = base, seen + 1
-    return model
-
-
-def _get_path(root: nn.Module, path: str):
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
 
 
 def _blocks_and_parent(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
     base = unwrap_model(model)
-    for path in _BLOCK_PATHS:
-        obj = _get_path(base, path)
-        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
-            parent = _get_path(base, path.rpartition(".")[0]) if "." in path else base
-            return obj, parent
-    best, best_parent = None, None
-    for _, parent in base.named_modules():
-        for child in parent.children():
-            if (
-                isinstance(child, nn.ModuleList)
-                and len(child) > 0
-                and len({type(m) for m in child}) == 1
-                and (best is None or len(child) > len(best))
-            ):
-                best, best_parent = child, parent
-    if best is None:
-        raise ValueError(f"could not find the decoder blocks of {type(base).__name__}")
-    return best, best_parent
+    name, blocks = _find_blocks(base)
+    parent = base.get_submodule(name.rpartition(".")[0]) if "." in name else base
+    return blocks, parent
 
 
 def find_decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -111,7 +67,12 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         return dtype
     if dtype in (None, "auto", "float32", "fp32"):
         return torch.float32
-    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in table:
         raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
     return table[dtype]
@@ -143,7 +104,9 @@ def load_model(spec: str, device: str | None = "auto", dtype: str | torch.dtype 
         return model, tok, "embedded"
     path = Path(spec)
     if not path.is_dir():
-        raise FileNotFoundError(f"MODEL {spec!r} is neither 'embedded' nor a local model or adapter directory")
+        raise FileNotFoundError(
+            f"MODEL {spec!r} is neither 'embedded' nor a local model or adapter directory"
+        )
     name = path.resolve().name or str(path)
     if (path / "adapter_config.json").exists():
         from peft import PeftModel
@@ -161,7 +124,9 @@ def load_model(spec: str, device: str | None = "auto", dtype: str | torch.dtype 
         model = PeftModel.from_pretrained(base, os.fspath(path))
         return model.to(dev).eval(), tok, name
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} has neither config.json (a model) nor adapter_config.json (an adapter)")
+        raise FileNotFoundError(
+            f"{path} has neither config.json (a model) nor adapter_config.json (an adapter)"
+        )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
     tok = AutoTokenizer.from_pretrained(path)
     return model.to(dev).eval(), tok, name

@@ -1,16 +1,19 @@
 """The plasticity probe: how well does a model still learn something new?
 
 A fresh LoRA is trained for a fixed number of steps on a held-out task (plain torch loop, AdamW,
-causal-LM loss over every non-padding token) and the held-out loss of that task is recorded before,
-during and after. Report the start loss and the improvement, not only the final loss: a post-trained
+causal-LM loss) and the held-out loss of that task is recorded before, during and after. Report the start loss and the improvement, not only the final loss: a post-trained
 model can start further from the probe task (ARCHITECTURE.md, testbed notes).
 
 Deterministic given ``seed`` (LoRA initialization and batch order; the global RNG is left untouched)
 and ``data_seed`` (the task's texts).
 
-Tasks: ``builtin:NAME`` for a registered generator (``builtin:reverse``: reverse a short string of
-letters), or a text file of training texts (see :func:`supple.measure.corpus.load_texts`) whose last
-10 % are held out. Register more with :func:`register_probe_task`.
+Task items are plain texts (the loss covers every token) or ``(prompt, completion)`` pairs (the loss
+covers the completion's tokens only; the two are tokenized separately and concatenated, as TRL does
+for prompt-completion data). Tasks: ``builtin:NAME`` for a registered generator
+(``builtin:reverse``: reverse a short string of letters, as pairs), a ``.jsonl`` file with
+``prompt``/``completion`` (or ``text``) fields, or a text file of training texts (see
+:func:`supple.measure.corpus.load_texts`); of a file the last 10 % are held out. Register more with
+:func:`register_probe_task`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import math
 import random
 import string
 from collections.abc import Callable, Sequence
+from typing import Union
 
 import torch
 
@@ -26,22 +30,24 @@ from .models import unwrap_model
 
 __all__ = ["PROBE_TASKS", "load_probe_task", "plasticity_probe", "register_probe_task", "reverse_task"]
 
-ProbeTask = Callable[[int, int], list[str]]  # (number of texts, seed) -> texts
+ProbeItem = Union[str, tuple[str, str]]  # a text, or (prompt, completion)
+ProbeTask = Callable[[int, int], list[ProbeItem]]  # (number of items, seed) -> items
 PROBE_TASKS: dict[str, ProbeTask] = {}
 
 
 def register_probe_task(name: str, fn: ProbeTask) -> None:
-    """Make ``builtin:name`` a probe task; ``fn(n, seed)`` returns n deterministic texts."""
+    """Make ``builtin:name`` a probe task; ``fn(n, seed)`` returns n deterministic items (texts or
+    ``(prompt, completion)`` pairs)."""
     PROBE_TASKS[name] = fn
 
 
-def reverse_task(n: int, seed: int = 0, min_len: int = 3, max_len: int = 8) -> list[str]:
-    """``n`` texts "Reverse the letters: abcd\\nAnswer: dcba" over random lowercase strings."""
+def reverse_task(n: int, seed: int = 0, min_len: int = 3, max_len: int = 8) -> list[tuple[str, str]]:
+    """``n`` pairs ("Reverse the letters: abcd\\nAnswer:", " dcba") over random lowercase strings."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         s = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(min_len, max_len)))
-        out.append(f"Reverse the letters: {s}\nAnswer: {s[::-1]}")
+        out.append((f"Reverse the letters: {s}\nAnswer:", f" {s[::-1]}"))
     return out
 
 
@@ -50,47 +56,75 @@ register_probe_task("reverse", reverse_task)
 
 def load_probe_task(
     spec: str, n_train: int = 256, n_eval: int = 64, data_seed: int = 0
-) -> tuple[list[str], list[str]]:
-    """``(train_texts, eval_texts)`` of a probe task; the eval texts never occur in the training texts."""
+) -> tuple[list[ProbeItem], list[ProbeItem]]:
+    """``(train_items, eval_items)`` of a probe task; no eval item occurs among the training items."""
     if spec.startswith("builtin:"):
         name = spec.removeprefix("builtin:")
         if name not in PROBE_TASKS:
-            raise ValueError(f"unknown probe task {spec!r}: available {', '.join('builtin:' + k for k in PROBE_TASKS)}")
-        texts = list(dict.fromkeys(PROBE_TASKS[name](2 * (n_train + n_eval), data_seed)))  # distinct, in order
+            raise ValueError(
+                f"unknown probe task {spec!r}: available {', '.join('builtin:' + k for k in PROBE_TASKS)}"
+            )
+        texts = list(
+            dict.fromkeys(PROBE_TASKS[name](2 * (n_train + n_eval), data_seed))
+        )  # distinct, in order
         if len(texts) < 2:
             raise ValueError(f"probe task {spec!r} produced fewer than two distinct texts")
         n_eval_ = min(n_eval, max(1, len(texts) // 5))
         return texts[n_eval_ : n_eval_ + n_train], texts[:n_eval_]
+    from pathlib import Path
+
     from .corpus import load_texts
 
-    texts = load_texts(spec)
+    if spec.endswith(".jsonl"):
+        import json
+
+        rows = [json.loads(ln) for ln in Path(spec).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        texts = [(r["prompt"], r["completion"]) if "completion" in r else r["text"] for r in rows]
+    else:
+        texts = load_texts(spec)
     if len(texts) < 2:
         raise ValueError(f"probe task file {spec!r} needs at least two texts")
     n_ev = max(1, len(texts) // 10)
     return texts[:-n_ev], texts[-n_ev:]
 
 
-def _encode(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    seqs = [list(tokenizer(t, truncation=True, max_length=max_length)["input_ids"]) for t in texts]
-    seqs = [s for s in seqs if len(s) >= 2]
-    if not seqs:
-        raise ValueError("no probe text yields at least two tokens")
-    return seqs
+def _encode(tokenizer, items: Sequence[ProbeItem], max_length: int) -> list[tuple[list[int], int]]:
+    """``(token ids, first scored position)`` per item, truncated at ``max_length``; items with nothing
+    to score are dropped."""
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            ids, start = list(tokenizer(item)["input_ids"]), 1
+        else:
+            prompt, completion = item
+            p = list(tokenizer(prompt)["input_ids"])
+            ids, start = (
+                p + list(tokenizer(completion, add_special_tokens=False)["input_ids"]),
+                max(len(p), 1),
+            )
+        ids = ids[:max_length]
+        if len(ids) > start:
+            out.append((ids, start))
+    if not out:
+        raise ValueError("no probe item has a token to score (too short, or truncated by max_length)")
+    return out
 
 
-def _batch(seqs: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
+def _batch(seqs, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s, _ in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
+    scored = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for i, (s, start) in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
+        scored[i, start : len(s)] = True
+    return ids.to(device), mask.to(device), scored.to(device)
 
 
-def _lm_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _lm_loss(model, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor) -> tuple[torch.Tensor, int]:
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    tgt = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    tgt = ids[:, 1:].masked_fill(~scored[:, 1:], -100)
     total = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), ignore_index=-100, reduction="sum"
     )
@@ -103,8 +137,7 @@ def _eval_loss(model, seqs, pad_id, device, batch_size) -> float:
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(seqs), batch_size):
-        ids, mask = _batch(seqs[i : i + batch_size], pad_id, device)
-        s, c = _lm_loss(model, ids, mask)
+        s, c = _lm_loss(model, *_batch(seqs[i : i + batch_size], pad_id, device))
         total += float(s)
         count += c
     model.train(was)
@@ -122,8 +155,8 @@ def _area(steps: Sequence[int], losses: Sequence[float]) -> float:
 def plasticity_probe(
     model,
     tokenizer,
-    train_texts: Sequence[str],
-    eval_texts: Sequence[str],
+    train_texts: Sequence[ProbeItem],
+    eval_texts: Sequence[ProbeItem],
     *,
     steps: int = 50,
     lr: float = 1e-3,
@@ -167,22 +200,26 @@ def plasticity_probe(
     fork_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
-        cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules,
-                         task_type="CAUSAL_LM")
+        cfg = LoraConfig(
+            r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, task_type="CAUSAL_LM"
+        )
         peft_model = get_peft_model(model, cfg)
         try:
             params = [p for p in peft_model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
             gen = torch.Generator().manual_seed(seed)
             order: list[int] = []
-            train_curve, eval_steps, eval_curve = [], [0], [_eval_loss(peft_model, held, pad_id, device, batch_size)]
+            train_curve, eval_steps, eval_curve = (
+                [],
+                [0],
+                [_eval_loss(peft_model, held, pad_id, device, batch_size)],
+            )
             peft_model.train()
             for step in tqdm(range(1, steps + 1), desc=f"probe {name}", disable=not progress, leave=False):
                 if len(order) < batch_size:
                     order += torch.randperm(len(train), generator=gen).tolist()
                 idx, order = order[:batch_size], order[batch_size:]
-                ids, mask = _batch([train[i] for i in idx], pad_id, device)
-                total, count = _lm_loss(peft_model, ids, mask)
+                total, count = _lm_loss(peft_model, *_batch([train[i] for i in idx], pad_id, device))
                 loss = total / max(count, 1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -13,14 +13,27 @@ from .core import RECORD_FIELDS
 
 __all__ = ["plot_records", "read_records_json", "write_records_csv", "write_records_json", "write_summary"]
 
-GEOMETRY_PLOTS = ("erank", "erank_ratio", "participation_ratio", "top_pc_share", "anisotropy", "anisotropy_centered")
+GEOMETRY_PLOTS = (
+    "erank",
+    "erank_ratio",
+    "participation_ratio",
+    "top_pc_share",
+    "anisotropy",
+    "anisotropy_centered",
+)
 OVERVIEW = (  # (group, metric, tokens, space, title)
     ("geometry", "erank_ratio", "no_sink", "unit", "effective rank / min(n-1, d)\n(unit vectors, no sink)"),
     ("geometry", "participation_ratio", "no_sink", "unit", "participation ratio\n(unit vectors, no sink)"),
     ("geometry", "anisotropy", "no_sink", "raw", "anisotropy (mean cosine)\n(no sink)"),
     ("geometry", "norm_max_over_median", "all", "raw", "max / median token norm\n(all tokens)"),
     ("trajectory", "cos_prev", "no_sink", None, "cosine to previous block\n(no sink)"),
-    ("trajectory", "lens_agreement", "no_sink", None, "logit-lens top-1 agreement\nwith final layer (no sink)"),
+    (
+        "trajectory",
+        "lens_agreement",
+        "no_sink",
+        None,
+        "logit-lens top-1 agreement\nwith final layer (no sink)",
+    ),
 )
 
 
@@ -95,19 +108,24 @@ def _series(records, group, metric, tokens=None, space=None, reduce_modules=Fals
     return out
 
 
-def _draw(ax, series, models, title, ylabel=None):
+def _draw(ax, series, models, title, extra_values=()):
+    """Plot one line per model (``series``: {model: (layers, values)}) and style the axes; a log y scale
+    when the positive values (plus ``extra_values`` plotted by the caller) span more than 20×."""
     from matplotlib.ticker import MaxNLocator
 
+    values = list(extra_values)
     for m in models:
         if m in series:
             layers, vals = series[m]
             ax.plot(layers, vals, marker="o", markersize=3, label=m)
+            values += vals
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("decoder block", fontsize=8)
-    if ylabel:
-        ax.set_ylabel(ylabel, fontsize=8)
     ax.tick_params(labelsize=7)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    finite = [v for v in values if math.isfinite(v)]
+    if finite and min(finite) > 0 and max(finite) > 20 * min(finite):  # e.g. attention sinks
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
 
 
@@ -136,11 +154,19 @@ def plot_records(records: Sequence[dict], out_dir, dpi: int = 110) -> list[Path]
                     handles.append(h)
                     labels.append(lab)
         if handles:
-            fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
+            fig.legend(
+                handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False
+            )
         # fixed margins in inches (tight_layout costs ~0.5 s a figure)
         w, h = fig.get_size_inches()
-        fig.subplots_adjust(left=0.75 / w, right=1 - 0.2 / w, top=1 - 0.55 / h, bottom=(0.95 if handles else 0.6) / h,
-                            hspace=0.75 * 3.2 / h, wspace=0.3)
+        fig.subplots_adjust(
+            left=0.75 / w,
+            right=1 - 0.2 / w,
+            top=1 - 0.55 / h,
+            bottom=(0.95 if handles else 0.6) / h,
+            hspace=0.75 * 3.2 / h,
+            wspace=0.3,
+        )
         path = out_dir / fname
         fig.savefig(path, dpi=dpi)
         plt.close(fig)
@@ -169,11 +195,11 @@ def plot_records(records: Sequence[dict], out_dir, dpi: int = 110) -> list[Path]
                 for i, m in enumerate(models):
                     s = _series(records, "geometry", metric, tokens, "raw").get(m)
                     if s:
-                        ax.plot(*s, ls=ls, color=f"C{i % 10}", marker="o", markersize=3, label=f"{m} ({tokens})")
+                        ax.plot(
+                            *s, ls=ls, color=f"C{i % 10}", marker="o", markersize=3, label=f"{m} ({tokens})"
+                        )
                         values += [v for v in s[1] if math.isfinite(v) and v > 0]
-            if values and max(values) > 20 * min(values):  # sinks: orders of magnitude
-                ax.set_yscale("log")
-            _draw(ax, {}, [], f"{metric} (raw block outputs)\nsolid: all tokens, dashed: no sink")
+            _draw(ax, {}, [], f"{metric} (raw block outputs)\nsolid: all tokens, dashed: no sink", values)
         save(fig, "norms.png")
 
     if any(r["group"] == "trajectory" for r in records):
@@ -192,8 +218,12 @@ def plot_records(records: Sequence[dict], out_dir, dpi: int = 110) -> list[Path]
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
         refs = sorted({r["reference"] for r in records if r["group"] == "compare"})
         for ax, space in zip(axes, ("raw", "unit")):
-            _draw(ax, _series(records, "compare", "linear_cka", "no_sink", space), models,
-                  f"linear CKA vs {', '.join(refs)}\n({space} vectors, no sink)")
+            _draw(
+                ax,
+                _series(records, "compare", "linear_cka", "no_sink", space),
+                models,
+                f"linear CKA vs {', '.join(refs)}\n({space} vectors, no sink)",
+            )
             ax.set_ylim(0, 1.05)
         save(fig, "cka.png")
 
@@ -201,7 +231,12 @@ def plot_records(records: Sequence[dict], out_dir, dpi: int = 110) -> list[Path]
     if lora:
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
         for ax, metric in zip(axes, ("stable_rank", "effective_rank", "top_share")):
-            _draw(ax, _series(lora, "lora", metric, reduce_modules=True), models, f"LoRA ΔW {metric}\n(mean over modules)")
+            _draw(
+                ax,
+                _series(lora, "lora", metric, reduce_modules=True),
+                models,
+                f"LoRA ΔW {metric}\n(mean over modules)",
+            )
         save(fig, "lora.png")
     return written
 
@@ -221,7 +256,9 @@ def _pick(records, model, group, metric, layer="any", tokens=None, space=None, m
     vals = [
         float(r["value"])
         for r in records
-        if r["model"] == model and r["group"] == group and r["metric"] == metric
+        if r["model"] == model
+        and r["group"] == group
+        and r["metric"] == metric
         and (layer == "any" or r.get("layer") == layer)
         and (tokens is None or r.get("tokens") == tokens)
         and (space is None or r.get("space") == space)
@@ -231,7 +268,9 @@ def _pick(records, model, group, metric, layer="any", tokens=None, space=None, m
     return sum(finite) / len(finite) if finite else None
 
 
-def write_summary(records: Sequence[dict], path, meta: dict | None = None, plots: Sequence[Path] = ()) -> Path:
+def write_summary(
+    records: Sequence[dict], path, meta: dict | None = None, plots: Sequence[Path] = ()
+) -> Path:
     """A short Markdown report: settings, next-token metrics, geometry at the last measured block and
     averaged over blocks, CKA and LoRA spectra when present, and the files written."""
     meta = meta or {}
@@ -253,7 +292,10 @@ def write_summary(records: Sequence[dict], path, meta: dict | None = None, plots
         "|---|---|---|---|---|---|---|---|",
     ]
     for m in models:
-        vals = [_pick(records, m, "logits", k) for k in ("nll", "perplexity", "entropy", "top1_prob", "accuracy", "ece", "brier")]
+        vals = [
+            _pick(records, m, "logits", k)
+            for k in ("nll", "perplexity", "entropy", "top1_prob", "accuracy", "ece", "brier")
+        ]
         lines.append(f"| {m} | " + " | ".join(_fmt(v) for v in vals) + " |")
     geo = [r for r in records if r["group"] == "geometry"]
     if geo:
@@ -283,8 +325,14 @@ def write_summary(records: Sequence[dict], path, meta: dict | None = None, plots
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     traj = [r for r in records if r["group"] == "trajectory"]
     if traj:
-        lines += ["", "## Token trajectories", "", "| model | trajectory length (raw) | trajectory length (unit) "
-                  "| mean cosine to previous block | logit-lens agreement, middle block |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Token trajectories",
+            "",
+            "| model | trajectory length (raw) | trajectory length (unit) "
+            "| mean cosine to previous block | logit-lens agreement, middle block |",
+            "|---|---|---|---|---|",
+        ]
         for m in models:
             layers = sorted({int(r["layer"]) for r in traj if r["model"] == m and r.get("layer") is not None})
             mid = layers[(len(layers) - 1) // 2] if layers else None
@@ -298,19 +346,32 @@ def write_summary(records: Sequence[dict], path, meta: dict | None = None, plots
     cka = [r for r in records if r["group"] == "compare"]
     if cka:
         last = max(int(r["layer"]) for r in cka)
-        lines += ["", f"## Linear CKA vs reference (no sink; block {last} / mean over blocks)", "",
-                  "| model | reference | raw | unit |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Linear CKA vs reference (no sink; block {last} / mean over blocks)",
+            "",
+            "| model | reference | raw | unit |",
+            "|---|---|---|---|",
+        ]
         for m in models:
             ref = next((r["reference"] for r in cka if r["model"] == m), None)
             if ref is None:
                 continue
-            cells = [f"{_fmt(_pick(records, m, 'compare', 'linear_cka', last, 'no_sink', s))} / "
-                     f"{_fmt(_pick(records, m, 'compare', 'linear_cka', 'any', 'no_sink', s))}" for s in ("raw", "unit")]
+            cells = [
+                f"{_fmt(_pick(records, m, 'compare', 'linear_cka', last, 'no_sink', s))} / "
+                f"{_fmt(_pick(records, m, 'compare', 'linear_cka', 'any', 'no_sink', s))}"
+                for s in ("raw", "unit")
+            ]
             lines.append(f"| {m} | {ref} | " + " | ".join(cells) + " |")
     lora = [r for r in records if r["group"] == "lora" and r["source"] == "lora_delta"]
     if lora:
-        lines += ["", "## LoRA updates ΔW = (α/r)·B·A (mean over modules)", "",
-                  "| model | modules | stable rank | effective rank | top singular share |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## LoRA updates ΔW = (α/r)·B·A (mean over modules)",
+            "",
+            "| model | modules | stable rank | effective rank | top singular share |",
+            "|---|---|---|---|---|",
+        ]
         for m in models:
             n_mod = len({(r.get("layer"), r.get("module")) for r in lora if r["model"] == m})
             if not n_mod:
@@ -319,8 +380,13 @@ def write_summary(records: Sequence[dict], path, meta: dict | None = None, plots
             lines.append(f"| {m} | {n_mod} | " + " | ".join(_fmt(v) for v in cells) + " |")
     ov = [r for r in records if r["group"] == "lora" and r["source"] == "overlap"]
     if ov:
-        lines += ["", "## LoRA subspace overlap (mean squared principal-angle cosine, mean over modules)", "",
-                  "| model | reference | input | output |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "## LoRA subspace overlap (mean squared principal-angle cosine, mean over modules)",
+            "",
+            "| model | reference | input | output |",
+            "|---|---|---|---|",
+        ]
         for m in models:
             ref = next((r["reference"] for r in ov if r["model"] == m), None)
             if ref is None:

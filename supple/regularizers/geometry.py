@@ -195,7 +195,10 @@ def norm_stats(h: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str,
     norms = x.norm(dim=1)
     if norms.numel() == 0:
         nan = _nan(x.new_zeros(()))
-        return {k: nan for k in ("norm_mean", "norm_median", "norm_std", "norm_min", "norm_max", "norm_max_over_median")}
+        return {
+            k: nan
+            for k in ("norm_mean", "norm_median", "norm_std", "norm_min", "norm_max", "norm_max_over_median")
+        }
     med = norms.median()
     return {
         "norm_mean": norms.mean(),
@@ -273,7 +276,9 @@ def lora_delta_svd(
     ``lora_a``: (r, d_in) (PEFT's ``lora_A.weight``), ``lora_b``: (d_out, r) (``lora_B.weight``).
     """
     if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[0] != lora_b.shape[1]:
-        raise ValueError(f"expected A (r×d_in) and B (d_out×r), got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+        raise ValueError(
+            f"expected A (r×d_in) and B (d_out×r), got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}"
+        )
     a = lora_a.detach().to(dtype)
     b = lora_b.detach().to(dtype)
     qb, rb = torch.linalg.qr(b)  # (d_out×k), (k×r)
@@ -330,4 +335,3 @@ def subspace_overlap(u: torch.Tensor, v: torch.Tensor, dtype: torch.dtype = torc
     if k == 0:
         return torch.full((), float("nan"), dtype=dtype)
     return (cos * cos).sum() / k
-
