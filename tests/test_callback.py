@@ -103,6 +103,9 @@ def test_live_metrics_in_log_history(tmp_path):
         vals = [h[f"supple/erank/layer_{k}"] for h in logs]
         assert len(vals) == 2 and all(1 <= v <= 32 for v in vals)
         assert all(-1 <= h[f"supple/anisotropy/layer_{k}"] <= 1 for h in logs)
+    # the LoRA updates start at B = 0; after the first step ΔW has a finite stable rank in [1, r]
+    ranks = [h["supple/lora_stable_rank"] for h in logs if "supple/lora_stable_rank" in h]
+    assert ranks and all(1 <= v <= 4 for v in ranks)
 
 
 def test_non_finite_penalty_is_skipped_counted_and_not_applied(tmp_path, monkeypatch):

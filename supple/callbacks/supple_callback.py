@@ -235,6 +235,7 @@ class SuppleCallback(TrainerCallback):
         if self._taps is not None and self._taps.stats.hidden_samples:
             self._pending.update(self._live_metrics(self._taps.stats.hidden_samples))
             self._taps.stats.hidden_samples = {}
+            self._pending.update(self._lora_metrics(kwargs.get("model") or self._model))
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -308,6 +309,18 @@ class SuppleCallback(TrainerCallback):
             gen = torch.Generator().manual_seed(int(self._state.global_step))
             out[f"supple/anisotropy/layer_{layer}"] = float(anisotropy(h, generator=gen))
         return out
+
+    def _lora_metrics(self, model) -> dict[str, float]:
+        """Mean stable rank ‖ΔW‖²_F/σ₁² of the LoRA updates ΔW = scaling·B·A (0-update modules left out)."""
+        from ..regularizers.geometry import lora_delta_svd, singular_value_stats
+
+        ranks = []
+        for ref in find_lora_modules(model):
+            _, sv, _ = lora_delta_svd(ref.lora_a, ref.lora_b, ref.scaling)
+            r = float(singular_value_stats(sv)["stable_rank"])
+            if math.isfinite(r):
+                ranks.append(r)
+        return {"supple/lora_stable_rank": sum(ranks) / len(ranks)} if ranks else {}
 
     def _collect_logs(self) -> dict[str, float]:
         out: dict[str, float] = {}
