@@ -88,9 +88,9 @@ def loop(groups, cross: bool):
     return torch.autograd.grad(total / n, params)
 
 
-def timed(fn) -> float:
+def timed(fn, *args) -> float:
     t0 = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - t0
 
 
@@ -107,6 +107,7 @@ def main(argv=None) -> int:
                    help="torch.set_num_threads (0 = torch's default); 1 is stable on a shared machine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--tag", default="", help="suffix of the CSV name: lora_batched_<tag>.csv")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,9 +131,9 @@ def main(argv=None) -> int:
         tb, tl, ratios = [], [], []
         for rep in range(args.reps):
             if rep % 2 == 0:
-                b, lo = timed(lambda: batched(groups, cross)), timed(lambda: loop(groups, cross))
+                b, lo = timed(batched, groups, cross), timed(loop, groups, cross)
             else:
-                lo, b = timed(lambda: loop(groups, cross)), timed(lambda: batched(groups, cross))
+                lo, b = timed(loop, groups, cross), timed(batched, groups, cross)
             tb.append(b)
             tl.append(lo)
             ratios.append(lo / b)
@@ -153,6 +154,7 @@ def main(argv=None) -> int:
             target=5.0,
             reps=args.reps,
             threads=torch.get_num_threads(),
+            malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_", "default"),
             date=date,
             torch=torch.__version__,
             machine=f"{platform.machine()} {os.cpu_count()} cpu",
@@ -162,7 +164,7 @@ def main(argv=None) -> int:
         print(f"{name:<14}{row['batched_ms_median']:>12.1f}{row['loop_ms_median']:>10.1f}"
               f"{row['speedup_median']:>13.2f}x{iqr:>18}{'>=5x':>9}")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "lora_batched.csv"
+    path = args.out / (f"lora_batched_{args.tag}.csv" if args.tag else "lora_batched.csv")
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

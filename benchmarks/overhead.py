@@ -9,12 +9,17 @@ Usage::
 What runs: one SFTTrainer per configuration, each with its own copy of the model (same LoRA init, same
 data), every trainer's ``train()`` in its own thread. A scheduler lets exactly one trainer run at a time
 and hands the turn over in blocks of ``--block`` optimizer steps, cycling through the configurations
-(rotated order every repetition), ``--reps`` times. So configurations are interleaved in time and share
+(order rotated for the first repetitions, then shuffled), ``--reps`` times. So configurations are interleaved in time and share
 the machine's state (other users' load, thermal state) block by block; the callback is exercised for
 real, through the Trainer's own loop. Step time = wall time between consecutive ``on_step_begin`` events
 of the same trainer (data fetch, forward, backward, clipping, optimizer, callbacks and logging).
 
 Two views of the overhead are printed (see ARCHITECTURE.md, "Measurement notes"):
+
+Configurations: baseline (no callback), diversity (weight 0.05 at the defaults: block -1, 1024 tokens),
+decorrelation (intra and cross weights 0.1, a random orthonormal basis per LoRA module passed as
+``previous_subspaces``), metrics (``metrics_every=50``), all (everything together) and control (a
+second trainer without the callback: an A/A test of the method).
 
 1. A/B: per-step ratio config / baseline, pairing step j of a config's block with step j of the
    baseline's block in the same repetition. Reported: median and IQR of those ratios, a 95 % bootstrap
@@ -23,8 +28,9 @@ Two views of the overhead are printed (see ARCHITECTURE.md, "Measurement notes")
 2. Own time: the regularizer's own work per step, timed directly on tensors of the shapes of the run
    (ipr on the sampled tokens x hidden size and the tap's token selection and gradient scatter;
    ``lora_penalties`` forward+backward on the model's LoRA A stacks with bases, and the callback's
-   ``LoraDecorrelation.add_gradients``; live metrics' effective rank + anisotropy once per
-   ``metrics_every`` steps), divided by the median baseline step time. Stable under load.
+   ``LoraDecorrelation.add_gradients``; live metrics' effective rank + anisotropy of the tapped block
+   and the stable rank of every LoRA update, once per ``metrics_every`` steps), divided by the median
+   baseline step time. Stable under load.
 
 Peak memory: for ``--mem-steps`` steps per configuration (after the timed phase, untimed) the step runs
 under ``torch.profiler`` with ``profile_memory=True``; the peak is the maximum of the running sum of the
@@ -60,7 +66,7 @@ from pathlib import Path
 
 import torch
 
-ALL_CONFIGS = ("baseline", "diversity", "decorrelation", "metrics", "all")
+ALL_CONFIGS = ("baseline", "diversity", "decorrelation", "metrics", "all", "control")
 TARGETS = {"diversity": 0.02, "decorrelation": 0.01, "metrics": 0.01}  # step-time overhead targets
 DIVERSITY_WEIGHT = 0.05
 DECOR_WEIGHT = 0.1
@@ -72,7 +78,11 @@ if importlib.util.find_spec("supple") is None:  # run from a checkout without `p
 
 # --------------------------------------------------------------------------------------------- setup
 def supple_settings(name: str) -> dict | None:
-    """SuppleConfig keyword arguments of a configuration (None: no callback at all)."""
+    """SuppleConfig keyword arguments of a configuration (None: no callback at all).
+
+    ``control`` is a second trainer without the callback (an A/A test): its ratio to the baseline is the
+    noise floor and any bias between two otherwise identical trainers of the same process.
+    """
     div = dict(diversity_weight=DIVERSITY_WEIGHT)  # defaults: layer -1, 1024 tokens, normalized ipr
     dec = dict(decorrelation_weight=DECOR_WEIGHT, decorrelation_cross_weight=DECOR_WEIGHT)
     met = dict(metrics_every=METRICS_EVERY)
@@ -82,6 +92,7 @@ def supple_settings(name: str) -> dict | None:
         "decorrelation": dec,
         "metrics": met,
         "all": {**div, **dec, **met},
+        "control": None,
     }[name]
 
 
@@ -135,6 +146,10 @@ def lora_model(base, rank: int, seed: int):
 
 
 # ------------------------------------------------------------------------------------- turn-taking
+class Finished(Exception):
+    """Raised in a trainer's thread to end its ``train()`` at once, without running one more step."""
+
+
 class Turn:
     __slots__ = ("config", "kind", "rep", "steps")
 
@@ -196,8 +211,7 @@ def _make_turnstile_class():
                 self.go.wait()
                 self.go.clear()
                 if self.finished:
-                    control.should_training_stop = True  # this last step runs untimed, alone
-                    return control
+                    raise Finished
             if self.turn is not None and self.turn.kind == "memory":
                 from torch.profiler import ProfilerActivity, profile
 
@@ -283,8 +297,11 @@ def run_interleaved(trainers, turns: list[Turn], log) -> None:
         def target(trainer=trainer, gate=gate):
             try:
                 trainer.train()
+            except Finished:
+                pass
             except BaseException as exc:  # noqa: BLE001 - surfaced in the main thread
                 errors.append(exc)
+            finally:
                 gate.done.set()
 
         th = threading.Thread(target=target, name=f"train-{name}", daemon=True)
@@ -408,15 +425,29 @@ def own_times(args, base, hidden: int, reps: int) -> dict[str, float]:
 
     out["metrics_every_step"] = time_fn(select_only, reps)
 
-    def firing():
+    def hidden_metrics():
         x = h.float().cpu().clone()
         float(effective_rank(x))
         float(anisotropy(x, generator=torch.Generator().manual_seed(1)))
 
-    out["metrics_per_firing"] = time_fn(firing, reps)
-
     model = lora_model(base, args.rank, args.seed)
     refs = [r for r in find_lora_modules(model) if r.lora_a.requires_grad]
+    try:  # live LoRA update stable rank (logged with metrics_every in newer versions of the callback)
+        from supple.regularizers.geometry import lora_delta_svd, singular_value_stats
+    except ImportError:
+        lora_delta_svd = None
+
+    def lora_metrics():
+        if lora_delta_svd is None:
+            return
+        with torch.no_grad():
+            for ref in find_lora_modules(model):
+                _, sv, _ = lora_delta_svd(ref.lora_a, ref.lora_b, ref.scaling)
+                float(singular_value_stats(sv)["stable_rank"])
+
+    out["metrics_hidden_per_firing"] = time_fn(hidden_metrics, reps)
+    out["metrics_lora_per_firing"] = time_fn(lora_metrics, max(reps // 4, 3))
+    out["metrics_per_firing"] = out["metrics_hidden_per_firing"] + out["metrics_lora_per_firing"]
     bases = random_bases(model, args.basis_rank, args.seed)
     groups: dict[tuple, list] = {}
     for r in refs:
@@ -441,7 +472,6 @@ def own_times(args, base, hidden: int, reps: int) -> dict[str, float]:
     out["decorrelation_add_gradients"] = time_fn(decor.add_gradients, reps)
     out["_num_lora_modules"] = float(len(refs))
     out["_bases_bytes"] = float(sum(u.numel() * u.element_size() for _, u in stacks))
-    del model
     return out
 
 
@@ -451,7 +481,7 @@ def parse_args(argv=None):
     p.add_argument("--embedded", action="store_true", help="SmolLM2-135M-Instruct instead of the tiny random Llama")
     p.add_argument("--configs", default=",".join(ALL_CONFIGS), help=f"comma-separated subset of {ALL_CONFIGS}")
     p.add_argument("--reps", type=int, default=None, help="repetitions (blocks per config); tiny 40, embedded 4")
-    p.add_argument("--block", type=int, default=None, help="optimizer steps per block; tiny 8, embedded 2")
+    p.add_argument("--block", type=int, default=None, help="optimizer steps per block; tiny 8, embedded 1")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per config first; tiny 5, embedded 1")
     p.add_argument("--skip-first", type=int, default=None,
                    help="steps at the start of each block left out of the ratios (model switch); tiny 1, embedded 0")
@@ -466,10 +496,11 @@ def parse_args(argv=None):
                         "OpenMP region stalls whenever a worker is preempted (~100 ms stalls seen on 2 shared cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--tag", default="", help="suffix of the CSV names: overhead_<model>_<tag>.csv")
     args = p.parse_args(argv)
     tiny = not args.embedded
     for name, tiny_default, emb_default in (
-        ("reps", 40, 4), ("block", 8, 2), ("warmup", 5, 1), ("skip_first", 1, 0), ("own_reps", 50, 20)
+        ("reps", 40, 4), ("block", 8, 1), ("warmup", 5, 1), ("skip_first", 1, 0), ("own_reps", 50, 20)
     ):
         if getattr(args, name) is None:
             setattr(args, name, tiny_default if tiny else emb_default)
@@ -492,6 +523,9 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    import datasets
+
+    datasets.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -499,6 +533,7 @@ def main(argv=None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     model_tag = "smollm2-135m" if args.embedded else "tiny"
+    file_tag = f"{model_tag}_{args.tag}" if args.tag else model_tag
     started = time.perf_counter()
     base, tok = load_model(args.embedded, args.seed)
     hidden = base.config.hidden_size
@@ -523,15 +558,21 @@ def main(argv=None) -> int:
         bases_bytes[name] = sum(u.numel() * u.element_size() for u in bases.values()) if bases else 0
     log("own-time measurements")
     own = own_times(args, base, hidden, args.own_reps)
-    del trainers
 
     def flat(name: str) -> list[float]:
         return [s for rep in times[name].values() for j, s in rep.items() if j >= args.skip_first]
 
-    base_med = statistics.median(flat("baseline"))
-    base_mean = statistics.fmean(flat("baseline"))
+    nan = float("nan")
+    base_steps = flat("baseline")
+    base_note = ""
+    if not base_steps:  # no timed phase (--reps 0): own time relative to the untimed baseline steps
+        base_steps = [r[3] for _, _, gate, _ in trainers if gate.name == "baseline" for r in gate.records]
+        base_note = " (no timed phase: baseline step from warmup/profiled steps)"
+    base_med = statistics.median(base_steps)
+    base_mean = statistics.fmean(flat("baseline")) if flat("baseline") else nan
     own_step = {
         "baseline": 0.0,
+        "control": 0.0,
         "diversity": own["diversity_tap_path"],
         "decorrelation": own["decorrelation_add_gradients"],
         "metrics": own["metrics_every_step"] + own["metrics_per_firing"] / METRICS_EVERY,
@@ -540,6 +581,7 @@ def main(argv=None) -> int:
     }
     own_core = {  # the penalty functions alone, as the brief of the benchmark asks
         "baseline": 0.0,
+        "control": 0.0,
         "diversity": own["ipr_reference"],
         "decorrelation": own["lora_penalties_fwd_bwd"],
         "metrics": own["metrics_per_firing"] / METRICS_EVERY,
@@ -556,13 +598,13 @@ def main(argv=None) -> int:
             model=model_tag,
             config=name,
             timed_steps=len(steps),
-            median_step_s=statistics.median(steps),
-            ratio_median=statistics.median(ratios),
+            median_step_s=statistics.median(steps) if steps else nan,
+            ratio_median=statistics.median(ratios) if ratios else nan,
             ratio_q25=quantile(ratios, 0.25),
             ratio_q75=quantile(ratios, 0.75),
             ratio_ci95_lo=lo,
             ratio_ci95_hi=hi,
-            ratio_of_means=statistics.fmean(steps) / base_mean,
+            ratio_of_means=statistics.fmean(steps) / base_mean if steps else nan,
             own_penalty_ms=own_core[name] * 1e3,
             own_penalty_over_step=own_core[name] / base_med,
             own_callback_ms=own_step[name] * 1e3,
@@ -584,12 +626,12 @@ def main(argv=None) -> int:
         ))
 
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = args.out / f"overhead_{model_tag}.csv"
+    summary = args.out / f"overhead_{file_tag}.csv"
     with summary.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    steps_csv = args.out / f"overhead_{model_tag}_steps.csv"
+    steps_csv = args.out / f"overhead_{file_tag}_steps.csv"
     with steps_csv.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["config", "rep", "step_in_block", "seconds"])
@@ -600,9 +642,11 @@ def main(argv=None) -> int:
 
     print(f"\nsupple callback overhead, LoRA SFT, {model_tag} (hidden {hidden}), batch {args.batch} x {args.seq} tokens, "
           f"LoRA r{args.rank} q,k,v,o, {torch.get_num_threads()} torch threads, {date}")
-    print(f"{args.reps} reps x {args.block} steps per config, interleaved; first {args.skip_first} step(s) of each block "
-          f"left out; baseline median step {base_med * 1e3:.1f} ms; wall {time.perf_counter() - started:.0f} s "
+    phase = f"{args.reps} reps x {args.block} steps per config" if args.reps else "no timed phase (--reps 0)"
+    print(f"{phase}, interleaved; first {args.skip_first} step(s) of each block "
+          f"left out; baseline median step {base_med * 1e3:.1f} ms{base_note}; wall {time.perf_counter() - started:.0f} s "
           f"(training {train_s:.0f} s)")
+    print("command: python " + " ".join(sys.argv if argv is None else ["benchmarks/overhead.py", *argv]))
     print(f"LoRA modules: {int(own['_num_lora_modules'])}; ipr on {min(1024, args.batch * args.seq)} x {hidden}")
     hdr = (f"{'config':<14}{'A/B ratio':>10}{'IQR':>17}{'95% CI (median)':>19}{'mean ratio':>11}"
            f"{'own/step':>10}{'penalty/step':>13}{'target':>8}{'peak mem':>10}{'mem ratio':>10}")

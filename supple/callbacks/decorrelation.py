@@ -113,7 +113,9 @@ class LoraDecorrelation:
                 total = term if total is None else total + term.to(total.device)
                 params.extend(g.params)
             grads = torch.autograd.grad(total, params, allow_unused=True)
-        finite = all(gr is None or bool(torch.isfinite(gr).all()) for gr in grads)
+        present = [gr for gr in grads if gr is not None]
+        # one device-to-host sync for all modules (not one per parameter)
+        finite = bool(torch.stack([torch.isfinite(gr).all() for gr in present]).all()) if present else True
         if finite:
             for p, gr in zip(params, grads):
                 if gr is None:
