@@ -53,7 +53,11 @@ from supple.kernels.covariance import ipr, ipr_reference, ipr_value_and_grad  # 
 from supple.kernels.dispatch import use_triton  # noqa: E402
 from supple.kernels.orthogonality import lora_orthogonality, orthogonality_reference  # noqa: E402
 
-pytestmark = pytest.mark.triton
+pytestmark = [
+    pytest.mark.triton,
+    # n = 1 (and zero rows) make numpy divide by zero inside the interpreter: NaN/inf is the expected result.
+    pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
+]
 
 if _IMPORT_ERROR is not None:
     pytest.skip(f"Triton kernels unavailable: {_IMPORT_ERROR!r}", allow_module_level=True)
@@ -142,7 +146,7 @@ HALF_CASES = [(n, d, norm) for n in (2, 77, 1000) for d in (8, 123, 576) for nor
 
 
 def _big_tiles_if_large(n: int, d: int, tiles) -> None:
-    if n * d >= 50_000:
+    if n * d >= 40_000:
         tiles(128)  # fewer, larger programs (tails stay masked: 123, 576 and 1000 are not multiples)
 
 
@@ -237,6 +241,9 @@ def _check_orthogonality(a: torch.Tensor, u: torch.Tensor | None, fn=None) -> No
         gu = u_.grad if u_ is not None else None
         results.append((intra, cross, ga, gu))
     (intra, cross, ga, gu), (intra_r, cross_r, ga_r, gu_r) = results
+    # Absolute floor: fp32 rounding of the terms ∂L/∂A is made of, |w|·O(1)/‖a_i‖ (a gradient that is
+    # zero in exact arithmetic, e.g. r = 1 against a complete basis, is pure rounding noise).
+    floor = 1e-5 * w.abs().max().item() / a.float().norm(dim=2).clamp_min(1e-6).min().item()
     assert intra.dtype == torch.float32 and intra.shape == (m,)
     torch.testing.assert_close(intra, intra_r, rtol=v_tol, atol=1e-7)
     assert (cross is None) == (cross_r is None)
@@ -244,10 +251,10 @@ def _check_orthogonality(a: torch.Tensor, u: torch.Tensor | None, fn=None) -> No
         torch.testing.assert_close(cross, cross_r, rtol=v_tol, atol=1e-7)
         assert gu.dtype == u.dtype and gu.shape == u.shape
         err_u = (gu.double() - gu_r.double()).abs().max()
-        assert err_u <= g_tol * gu_r.double().abs().max() + 1e-7
+        assert err_u <= ORTHO_TOL[u.dtype][1] * gu_r.double().abs().max() + 1e-6, f"dU error {err_u:.3e}"
     assert ga.dtype == a.dtype and ga.shape == a.shape
     err = (ga.double() - ga_r.double()).abs().max()
-    assert err <= g_tol * ga_r.double().abs().max() + 1e-7, f"dA error {err:.3e}"
+    assert err <= g_tol * ga_r.double().abs().max() + floor, f"dA error {err:.3e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -278,7 +285,7 @@ def test_orthogonality_noncontiguous_and_clamped():
 
 
 def test_orthogonality_wide_rank_falls_back():
-    a = torch.randn(2, 130, 40)
+    a = torch.randn(2, 65, 40)
     intra, cross = tort.orthogonality_triton(a, None)
     torch.testing.assert_close(intra, orthogonality_reference(a)[0])
     assert cross is None

@@ -44,8 +44,8 @@ bitwise-nondeterministic at the level of fp32 rounding.
 Memory (beyond the fp32 (n, d) gradient that the contract returns): M, m² fp32 — never larger than
 the gradient itself since m = min(n, d) (64 MiB at n = d = 4096; 1.3 MiB for d = 576) — plus (n,)
 row norms and radial dots, the (d,) column sums and three scalars. Neither Zc nor Z is materialized,
-and no d × d matrix when n ≤ d. A fully recomputing variant (no M) would cost another
-2·n²·d FLOPs for the forward-backward product, more than the 2·m² bytes it saves.
+and no d × d matrix when n ≤ d. Not storing M would save its 4·m² bytes but make the gradient GEMM
+recompute every M tile once per output column block, (L/BLOCK_N)× the Gram FLOPs.
 
 Cost for n = d = 4096, bf16 input, ``normalize=True`` (m = L = 4096, BLOCK_M = 128); H100 SXM roofline
 at 989 TFLOP/s dense bf16 and 3.35 TB/s:
@@ -57,13 +57,15 @@ at 989 TFLOP/s dense bf16 and 3.35 TB/s:
     fixup    ≈ 5nd         ≈ 0.08 G       read g 67.1 + H 33.6, write g 67.1 MB      50 µs  (memory)
     total                  ≈ 208 GFLOP    ≈ 0.47 GB                                  ≈ 0.27 ms
 
-(nb = 32 tiles per side: the triangular grid computes 528 of 1024 tiles.) The torch reference at the
-same size materializes Z, Zc (67 MB each), the n×n Gram and the n×d product in fp32 and runs
-2 × 137 GFLOP of fp32 GEMMs (≥ 2.1 ms at the 67 TFLOP/s fp32 peak without TF32). Expect the fused
-path to reach perhaps 50–70 % of the roofline: operands are computed in registers (normalize,
-centre, shift, round) before each MMA instead of being streamed by TMA. For n > d the roles swap
-(m = d): cost ≈ 3·n·d² FLOPs, and the gram kernel's parallelism is (d/BLOCK_M)²/2 tiles with a loop over
-n (no split-K: for d = 576 and very long n that kernel uses ~45 programs).
+(nb = 32 tiles per side: the triangular grid computes 528 of 1024 tiles.) fp32 input moves 33.6 MB
+more per read of H and runs its dots as 3xTF32: ≈ 3 × 208 GFLOP at 494 TFLOP/s ≈ 1.3 ms. The torch
+reference at this size materializes Z, Zc (67 MB each), the n×n Gram and the n×d product in fp32 and
+runs 2 × 137 GFLOP of fp32 GEMMs: ≥ 4.1 ms at the 67 TFLOP/s fp32 peak (≥ 0.56 ms with TF32
+allowed). Expect the fused path to reach perhaps 50–70 % of its roofline: operands are computed in
+registers (normalize, centre, shift, round) before each MMA instead of being streamed by TMA. For
+n > d the roles swap (m = d): cost ≈ 3·n·d² FLOPs, and the gram kernel's parallelism is
+(d/BLOCK_M)²/2 tiles each looping over n (no split-K: for d = 576 that kernel runs ~45 programs on
+132 SMs, whatever n is).
 
 Autotuning keys on power-of-two buckets of the sizes (n changes every micro-batch with the number of
 non-padding tokens, and re-tuning per exact n would stall training); under ``TRITON_INTERPRET=1`` a
@@ -119,11 +121,12 @@ def _load_view(
     x = x.to(tl.float32)
     if NORMALIZE:
         if TOK_AXIS == 0:
-            nrm = tl.load(norm_ptr + rows, mask=rows < R, other=1.0)
-            x = x / tl.maximum(nrm, _EPS)[:, None]
+            # one reciprocal per row, then multiplies (cheaper than dividing the whole tile)
+            inv = 1.0 / tl.maximum(tl.load(norm_ptr + rows, mask=rows < R, other=1.0), _EPS)
+            x = x * inv[:, None]
         else:
-            nrm = tl.load(norm_ptr + cols, mask=cols < C, other=1.0)
-            x = x / tl.maximum(nrm, _EPS)[None, :]
+            inv = 1.0 / tl.maximum(tl.load(norm_ptr + cols, mask=cols < C, other=1.0), _EPS)
+            x = x * inv[None, :]
     if CENTER:
         if TOK_AXIS == 0:
             mu = tl.load(colsum_ptr + cols, mask=cols < C, other=0.0) * inv_n
@@ -180,16 +183,16 @@ def _ipr_stats_kernel(
             mask = rmask[:, None] & (cols[None, :] < d)
             x = tl.load(h_ptr + row_off + cols[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
             ss += tl.sum(x * x, axis=1)
-        nrm = tl.sqrt(ss)
+        nrm = tl.sqrt_rn(ss)
         tl.store(norm_ptr + rows, nrm, mask=rmask)
-        den = tl.maximum(nrm, _EPS)
+        inv = 1.0 / tl.maximum(nrm, _EPS)
     for d0 in range(0, d, BLOCK_D):
         cols = tl.arange(0, BLOCK_D).to(tl.int64) + d0
         cmask = cols < d
         mask = rmask[:, None] & cmask[None, :]
         x = tl.load(h_ptr + row_off + cols[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
         if NORMALIZE:
-            x = x / den[:, None]
+            x = x * inv[:, None]
         tl.atomic_add(colsum_ptr + cols, tl.sum(x, axis=0), mask=cmask, sem="relaxed")
 
 
@@ -340,12 +343,12 @@ def _ipr_fixup_kernel(
     mask = rmask[:, None] & (cols[None, :] < d)
     nrm = tl.load(norm_ptr + rows, mask=rmask, other=1.0)
     radial = tl.load(radial_ptr + rows, mask=rmask, other=0.0)
-    den = tl.maximum(nrm, _EPS)
+    inv = 1.0 / tl.maximum(nrm, _EPS)
     x = tl.load(h_ptr + rows[:, None] * stride_n + cols[None, :] * stride_d, mask=mask, other=0.0)
-    z = x.to(tl.float32) / den[:, None]
+    z = x.to(tl.float32) * inv[:, None]
     optr = out_ptr + rows[:, None] * d + cols[None, :]
     g = tl.load(optr, mask=mask, other=0.0)
-    g = tl.where((nrm < _EPS)[:, None], g, g - radial[:, None] * z) / den[:, None]
+    g = tl.where((nrm < _EPS)[:, None], g, g - radial[:, None] * z) * inv[:, None]
     tl.store(optr, g, mask=mask)
 
 
@@ -367,7 +370,8 @@ def _prune(size_keys: dict[str, str]):
                     ok = False
             if ok:
                 kept.append(cfg)
-        return kept or [min(configs, key=lambda c: sum(c.kwargs[b] for b in size_keys))]
+        # None fits (tiny problem): the config with the smallest blocks, the first block first.
+        return kept or [min(configs, key=lambda c: tuple(c.kwargs[b] for b in size_keys))]
 
     return prune
 

@@ -25,7 +25,9 @@ Kernels (one launch each, grid = M modules, one program per module, looping over
 
 All arithmetic is fp32; ``tl.dot`` uses fp32 operands with ``input_precision="tf32x3"`` (≈ fp32
 accuracy; the kernels are memory-bound, so the 3 MMAs cost nothing visible). r and k are padded to
-powers of two ≥ 16 (``tl.dot`` tiles); r or k above 128 fall back to the torch reference.
+powers of two ≥ 16 (``tl.dot`` tiles); r or k above 64 fall back to the torch reference (at
+r_pad = 128 the backward's loop-invariant r×r and r×k operands alone need > 227 KB of shared
+memory; a row-split backward would lift this).
 
 Cost for 224 modules, r = 16, d_in = 4096, k = 16, A and U in bf16 (H100 SXM: 989 TFLOP/s dense bf16,
 3.35 TB/s). A is 224·16·4096·2 B = 29.4 MB, U the same:
@@ -55,7 +57,7 @@ import triton.language as tl
 from .orthogonality import NORM_EPS, orthogonality_reference
 
 _EPS = tl.constexpr(NORM_EPS)
-_MAX_TILE = 128
+_MAX_TILE = 64
 
 
 def _is_interpreted(kernel) -> bool:
@@ -108,7 +110,7 @@ def _ortho_fwd_kernel(
         if HAS_U:
             ut = tl.load(u_base + ds[:, None] * su_d, mask=dmask[:, None] & kmask[None, :], other=0.0)
             proj = tl.dot(a, ut.to(tl.float32), proj, input_precision="tf32x3")
-    nrm = tl.sqrt(ss)
+    nrm = tl.sqrt_rn(ss)
     inv = 1.0 / tl.maximum(nrm, _EPS)
     ghat = gram * inv[:, None] * inv[None, :]
     off = rows[:, None] != rows[None, :]
@@ -167,7 +169,7 @@ def _ortho_bwd_kernel(
         radial += cc * tl.sum(q * q, axis=1)
         w_cross = q * cc
     nrm = tl.load(norm_ptr + mod * BLOCK_R + rows)
-    den = tl.maximum(nrm, _EPS)
+    inv = 1.0 / tl.maximum(nrm, _EPS)
     clamped = nrm < _EPS
     a_base = a_ptr + mod * sa_m + rows[:, None] * sa_r
     da_base = da_ptr + mod * r * d_in + rows[:, None] * d_in
@@ -176,7 +178,7 @@ def _ortho_bwd_kernel(
         dmask = ds < d_in
         amask = rmask[:, None] & dmask[None, :]
         a = tl.load(a_base + ds[None, :] * sa_d, mask=amask, other=0.0).to(tl.float32)
-        ahat = a / den[:, None]
+        ahat = a * inv[:, None]
         dahat = tl.dot(w_intra, ahat, input_precision="tf32x3")
         if HAS_U:
             # Uᵀ tile (k_pad × BLOCK_D), loaded transposed.
@@ -187,7 +189,7 @@ def _ortho_bwd_kernel(
                 du = tl.dot(tl.trans(ahat), w_cross, input_precision="tf32x3")
                 du_ptrs = du_ptr + mod * d_in * k + ds[:, None] * k + kk[None, :]
                 tl.store(du_ptrs, du.to(du_ptr.dtype.element_ty), mask=dmask[:, None] & kmask[None, :])
-        da = tl.where(clamped[:, None], dahat, dahat - radial[:, None] * ahat) / den[:, None]
+        da = tl.where(clamped[:, None], dahat, dahat - radial[:, None] * ahat) * inv[:, None]
         tl.store(da_base + ds[None, :], da.to(da_ptr.dtype.element_ty), mask=amask)
 
 
@@ -202,31 +204,39 @@ _CONFIGS = [
 _SMEM_BUDGET = 200 * 1024  # bytes; H100 allows 227 KB per block
 
 
-def _prune(configs, named_args, **kwargs):
-    """Keep configs whose pipelined fp32 A/U tiles fit shared memory and suit the problem size.
+def _make_prune(backward: bool):
+    """Keep configs whose shared memory fits and that suit the problem size.
 
-    The estimate (r_pad + k_pad)·BLOCK_D·4 B per stage matches the compiled sm_90 kernels within
-    about 1.5× (see ``compile_report``); large r tiles (a r_pad² fp32 accumulator) get 8 warps.
+    Estimate: (r_pad + k_pad)·BLOCK_D·4 B per pipeline stage, plus, in the backward, the loop-invariant
+    dot operands offdiag(Ĝ) and Q (used twice), (r_pad² + 2·r_pad·k_pad)·4 B, against a 200 KB budget.
+    It is only an estimate (compiled sm_90 kernels use between 0.5× and 1.3× of it); what counts is
+    that every config it keeps for r_pad, k_pad ∈ {16, 32, 64} compiles within the 227 KB of an H100
+    (``python benchmarks/kernels.py --compile-check``). Large r tiles (an r_pad² accumulator) get 8 warps.
     """
-    d_in = int(named_args.get("d_in") or kwargs.get("d_in") or 1)
-    block_r = int(kwargs.get("BLOCK_R") or 16)
-    block_k = int(kwargs.get("BLOCK_KU") or 16) if kwargs.get("HAS_U", True) else 0
-    kept = [
-        c for c in configs
-        if c.kwargs["BLOCK_D"] <= max(32, 2 * triton.next_power_of_2(d_in))
-        and (block_r + block_k) * c.kwargs["BLOCK_D"] * 4 * c.num_stages <= _SMEM_BUDGET
-        and (block_r < 64 or c.num_warps >= 8)
-    ]
-    return kept or [configs[-1]]
+
+    def prune(configs, named_args, **kwargs):
+        d_in = int(named_args.get("d_in") or kwargs.get("d_in") or 1)
+        block_r = int(kwargs.get("BLOCK_R") or 16)
+        block_k = int(kwargs.get("BLOCK_KU") or 16) if kwargs.get("HAS_U", True) else 0
+        fixed = (block_r * block_r + 2 * block_r * block_k) * 4 if backward else 0
+        kept = [
+            c for c in configs
+            if c.kwargs["BLOCK_D"] <= max(32, 2 * triton.next_power_of_2(d_in))
+            and fixed + (block_r + block_k) * c.kwargs["BLOCK_D"] * 4 * c.num_stages <= _SMEM_BUDGET
+            and (block_r < 64 or c.num_warps >= 8)
+        ]
+        return kept or [configs[-1]]
+
+    return prune
 
 
 #: Fixed meta-parameters under ``TRITON_INTERPRET=1`` (no autotuning there).
 INTERPRETER_CONFIGS: dict[str, dict[str, int]] = {"fwd": {"BLOCK_D": 64}, "bwd": {"BLOCK_D": 64}}
 
 _fwd_tuned = triton.autotune(_CONFIGS, key=["r", "d_in", "k", "HAS_U"],
-                             prune_configs_by={"early_config_prune": _prune})(_ortho_fwd_kernel)
+                             prune_configs_by={"early_config_prune": _make_prune(False)})(_ortho_fwd_kernel)
 _bwd_tuned = triton.autotune(_CONFIGS, key=["r", "d_in", "k", "HAS_U", "NEED_DU"],
-                             prune_configs_by={"early_config_prune": _prune})(_ortho_bwd_kernel)
+                             prune_configs_by={"early_config_prune": _make_prune(True)})(_ortho_bwd_kernel)
 
 INTERPRETED = _is_interpreted(_ortho_fwd_kernel)
 
@@ -301,7 +311,7 @@ def orthogonality_triton(
 
     Same contract as :func:`supple.kernels.orthogonality.orthogonality_reference`; one forward launch
     (and one backward launch) covers all M modules. ``a``/``u`` may be fp32, bf16 or fp16 and
-    non-contiguous. Shapes with r or k above 128, or an empty stack, use the torch reference.
+    non-contiguous. Shapes with r or k above 64, or an empty stack, use the torch reference.
     """
     if a.dim() != 3:
         raise ValueError(f"expected A stacked as (modules, r, d_in), got shape {tuple(a.shape)}")
@@ -355,7 +365,7 @@ def compile_report(
             (_ortho_bwd_kernel, {"HAS_U": True, "NEED_DU": True, **tiles}),
         ]
         for fn, constexprs in variants:
-            configs = _prune(_CONFIGS, {"d_in": 1 << 20}, **constexprs)
+            configs = _make_prune(fn is _ortho_bwd_kernel)(_CONFIGS, {"d_in": 1 << 20}, **constexprs)
             for cfg in configs[:1] if quick else configs:
                 compiled = compile_for_arch(fn, _ortho_types(fn, a_type, "fp32"), constexprs, cfg, arch)
                 yield (fn.__name__, f"A {a_type}, U fp32, r_pad={block_r}, k_pad={block_k}", dict(cfg.kwargs),
