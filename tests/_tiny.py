@@ -1,49 +1,24 @@
-"""Tiny random models and a locally built tokenizer for fast tests (nothing is downloaded)."""
+"""Tiny random models and a locally built tokenizer for fast tests (nothing is downloaded).
+
+Thin wrappers over :mod:`supple.testbed.tiny`, keeping the global RNG seeded as the tests expect.
+"""
 
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +-*=?.,:;!'\"()ABCDEFGHIJKLMNOPQRSTUVWXYZ\n"
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
+from supple.testbed.tiny import CHAT_TEMPLATE, make_tiny_model, make_tiny_tokenizer
+
+__all__ = ["CHAT_TEMPLATE", "make_tiny_llama", "make_tokenizer"]
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
+def make_tokenizer():
     """A character-level tokenizer with pad/bos/eos/unk and a simple chat template."""
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for c in _CHARS:
-        vocab.setdefault(c, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return make_tiny_tokenizer()
 
 
-def make_tiny_llama(tok=None, seed: int = 0, **overrides) -> LlamaForCausalLM:
-    """A 2-block random Llama (hidden 32) in fp32, eval mode off (as from_pretrained would give)."""
-    tok = tok or make_tokenizer()
-    kw = dict(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    kw.update(overrides)
+def make_tiny_llama(tok=None, seed: int = 0, **overrides):
+    """A 2-block random Llama (hidden 32) in fp32; also seeds the global RNG with ``seed``."""
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**kw))
+    model, _ = make_tiny_model(tok, seed=seed, **{"max_position_embeddings": 256, **overrides})
+    return model

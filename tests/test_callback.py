@@ -36,8 +36,8 @@ def test_each_micro_batch_counts_once_and_reference_eval_passes_are_untouched(tm
     if kind == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        from ._tiny import make_tiny_llama, make_tokenizer
         from ._runs import lora_config
+        from ._tiny import make_tiny_llama, make_tokenizer
 
         tok = make_tokenizer()
         args = DPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,

@@ -16,7 +16,7 @@ from supple.regularizers import (
     vicreg,
 )
 
-from ._runs import hand_cross, hand_intra, hand_ipr
+from ._runs import hand_cross, hand_intra
 
 
 @pytest.mark.parametrize("n,d", [(5, 9), (9, 5), (77, 123), (130, 16), (2, 3)])

@@ -144,6 +144,31 @@ def test_supple_arm_config():
         supple_arm_config(1, [], lora=True, overrides={"diversity_penalty": "nope"})
 
 
+def test_lora_input_subspaces_match_saved_adapter_route(tmp_path):
+    """The demo's in-memory subspaces equal what SuppleConfig.previous_adapters reads from saved adapters."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from supple.callbacks.subspace import load_previous_subspaces
+    from supple.testbed.pipeline import lora_input_subspaces
+    from supple.testbed.tiny import make_tiny_model
+
+    bases, paths = {}, []
+    for k in range(2):
+        model, _ = make_tiny_model(seed=k)
+        torch.manual_seed(k)
+        peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+        bases = lora_input_subspaces(peft, bases)
+        paths.append(str(tmp_path / f"a{k}"))
+        peft.save_pretrained(paths[-1])
+    ref = load_previous_subspaces(paths)
+    assert set(bases) == set(ref) and bases
+    for name, u in bases.items():
+        assert u.shape == ref[name].shape == (u.shape[0], 8)  # two rank-4 updates, in general position
+        assert torch.allclose(u.T @ u, torch.eye(u.shape[1]), atol=1e-5)
+        assert torch.allclose(u @ u.T, ref[name] @ ref[name].T, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------ end to end, tiny
 RECORD_KEYS = {"seed", "arm", "stage_index", "stage", "kind", "family", "geometry", "tasks", "ece", "probe",
                "eval_s", "train", "forgetting"}
@@ -203,6 +228,8 @@ def test_demo_cli_tiny_end_to_end(tmp_path, capsys):
     assert all("rewards/accuracies_final" in r["train"] for r in dpo)
     sft2 = [r for r in res["records"] if r["stage"] == "sft2"]
     assert all("arithmetic" in r["forgetting"] for r in sft2)
+    if any(r["train"].get("supple/replay_loss_final") is not None for r in sup):  # replay implemented
+        assert any("replay corpus" in n for n in res["meta"]["notes"])
 
 
 def test_demo_full_ft_tiny(tmp_path):
