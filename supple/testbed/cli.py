@@ -59,7 +59,10 @@ def add_parsers(subparsers) -> None:
                    help="override the supple arm's SuppleConfig, e.g. --supple diversity_weight=10 "
                    "--supple 'diversity_layers=[15,-1]' (repeatable)")
     p.add_argument("--out", default="supple-demo", help="output directory (default ./supple-demo)")
-    p.add_argument("--keep-workdir", action="store_true", help="keep the temporary trainer/adapters directory")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the idle cores, from the load average; on a shared machine more "
+                   "threads than idle cores slow every step down many times)")
+    p.add_argument("--keep-workdir", action="store_true", help="keep the temporary work directory (trainer outputs, replay corpus file)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 
@@ -90,11 +93,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out=args.out,
         progress=not args.no_progress,
         keep_workdir=args.keep_workdir,
+        threads=args.threads,
         command="supple " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["demo"] else None,
     )
+    from .embedded import EmbeddedModelMissing
+
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit("supple demo: --threads must be >= 1")
     try:
         results = run_demo(cfg)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError, EmbeddedModelMissing) as exc:
         raise SystemExit(f"supple demo: {exc}") from exc
     meta = results["meta"]
     print()

@@ -63,7 +63,7 @@ class Budget:
     """How much work a demo run does. ``steps`` is looked up by stage name, then by stage kind."""
 
     name: str = "default"
-    steps: dict[str, int] = field(default_factory=lambda: {"sft": 40, "dpo": 20, "sft2": 30, "grpo": 20})
+    steps: dict[str, int] = field(default_factory=lambda: {"sft": 24, "dpo": 12, "sft2": 16, "grpo": 12})
     seeds: int = 2
     batch_size: int = 4
     grad_accum: int = 1
@@ -73,16 +73,16 @@ class Budget:
     lr_lora: dict[str, float] = field(default_factory=lambda: {"sft": 2e-4, "dpo": 2e-4, "grpo": 1e-4})
     lr_full: dict[str, float] = field(default_factory=lambda: {"sft": 5e-5, "dpo": 2e-5, "grpo": 1e-5})
     dpo_beta: float = 0.1
-    n_eval: int = 32  # held-out items per task family
+    n_eval: int = 16  # held-out items per task family
     eval_batch: int = 16
-    probe_steps: int = 16
-    probe_eval_every: int = 4
+    probe_steps: int = 10
+    probe_eval_every: int = 5
     probe_batch: int = 8
     probe_lr: float = 1e-3
     probe_rank: int = 8
-    probe_eval: int = 32
-    geometry_texts: int = 16
-    geometry_tokens: int = 512
+    probe_eval: int = 16
+    geometry_texts: int = 8
+    geometry_tokens: int = 384
 
     def steps_for(self, stage_name: str, kind: str) -> int:
         if stage_name in self.steps:
@@ -100,14 +100,16 @@ PRESETS: dict[str, Budget] = {
     # a first look: ≤ 5 minutes for SmolLM2-135M on 2 CPU cores
     "quick": Budget(
         name="quick",
-        steps={"sft": 12, "dpo": 6, "sft2": 10, "grpo": 6},
+        steps={"sft": 8, "dpo": 4, "sft2": 6, "grpo": 4},
         seeds=1,
-        n_eval=16,
-        probe_steps=8,
-        probe_eval_every=4,
-        probe_eval=16,
-        geometry_texts=8,
-        geometry_tokens=256,
+        n_eval=8,
+        eval_batch=8,
+        probe_steps=6,
+        probe_eval_every=3,
+        probe_eval=8,
+        probe_batch=6,
+        geometry_texts=4,
+        geometry_tokens=160,
     ),
     # the test suite's end-to-end run on the tiny model: every code path, a few seconds
     "smoke": Budget(
@@ -274,6 +276,14 @@ def prepare_trainer(trainer):
     return trainer
 
 
+def _unpatch_forward(model) -> None:
+    """Undo TRL's instance-level ``forward`` patch (``add_fused_lm_head``) so patches do not stack across stages."""
+    fwd = model.__dict__.get("forward")
+    fn = getattr(fwd, "__func__", fwd)
+    if fwd is not None and getattr(getattr(fn, "__code__", None), "co_name", "") == "_fused_forward":
+        del model.__dict__["forward"]
+
+
 def _n_train(ctx: StageContext) -> int:
     return ctx.stage.steps * ctx.budget.batch_size * ctx.budget.grad_accum
 
@@ -305,8 +315,11 @@ def run_dpo_stage(ctx: StageContext) -> StageOutcome:
     examples = fam.train_examples(_n_train(ctx), ctx.data_seed, split="dpo")
     data = Dataset.from_list(T.dpo_records(examples, ctx.data_seed))
     args = _training_args(DPOConfig, ctx, beta=ctx.budget.dpo_beta)
+    # LoRA: the reference is the model with the adapter disabled. Full fine-tuning: a frozen copy of the model as
+    # it enters this stage (TRL would otherwise reload the original checkpoint from its path).
+    ref = None if ctx.lora else copy.deepcopy(ctx.model).eval().requires_grad_(False)
     trainer = DPOTrainer(
-        model=ctx.model, args=args, train_dataset=data, processing_class=ctx.tokenizer,
+        model=ctx.model, ref_model=ref, args=args, train_dataset=data, processing_class=ctx.tokenizer,
         peft_config=_peft_config(ctx), callbacks=ctx.callbacks,
     )
     prepare_trainer(trainer).train()
@@ -335,9 +348,17 @@ def _final_means(hist: list[dict], keys: Sequence[str]) -> dict[str, float]:
 
 # --------------------------------------------------------------------------------------------- supple arm
 def supple_arm_config(
-    stage_index: int, previous_adapters: Sequence[str], lora: bool, overrides: dict | None = None
+    stage_index: int,
+    previous_adapters: Sequence[str],
+    lora: bool,
+    overrides: dict | None = None,
+    previous_subspaces: bool = False,
 ) -> tuple[Any, list[str]]:
-    """The supple arm's :class:`SuppleConfig` for one stage, and notes on what was left out and why."""
+    """The supple arm's :class:`SuppleConfig` for one stage, and notes on what was left out and why.
+
+    ``previous_adapters``: earlier stages' adapter paths; ``previous_subspaces``: True when earlier stages'
+    subspaces are handed to the callback as objects instead. With neither, the cross-stage term is off.
+    """
     from supple import SuppleConfig
 
     kw = {**SUPPLE_ARM_DEFAULTS, **(overrides or {})}
@@ -348,7 +369,7 @@ def supple_arm_config(
         for k in _LORA_FIELDS:
             kw[k] = 0.0
     kw["previous_adapters"] = list(previous_adapters)
-    if not previous_adapters and kw.get("decorrelation_cross_weight"):
+    if not previous_adapters and not previous_subspaces and kw.get("decorrelation_cross_weight"):
         kw["decorrelation_cross_weight"] = 0.0  # the first LoRA stage has no earlier subspace
     if not kw.get("decorrelation_cross_weight"):
         kw["previous_adapters"] = []
@@ -362,6 +383,37 @@ def supple_arm_config(
             kw.pop(k, None)
         cfg = SuppleConfig(**kw)
     return cfg, notes
+
+
+def lora_input_subspaces(peft_model, previous: dict | None = None) -> dict:
+    """Per LoRA module, an orthonormal basis (d_in × k) of the input directions of this stage's update
+    ΔW = s·B·A (its right singular vectors), united with ``previous`` (earlier stages' bases).
+
+    What ``SuppleConfig.previous_adapters`` computes from saved adapters, from the thin SVD of the factors
+    (:func:`supple.regularizers.geometry.lora_delta_svd`), never forming ΔW; handed to the callback as
+    ``SuppleCallback(previous_subspaces=...)``.
+    """
+    import torch
+
+    from supple.measure.lora import lora_factors
+    from supple.modeling import normalize_module_name
+    from supple.regularizers.geometry import lora_delta_svd
+
+    def basis(m: torch.Tensor) -> torch.Tensor:  # orthonormal basis of the columns with non-negligible weight
+        u, sv, _ = torch.linalg.svd(m.double(), full_matrices=False)
+        if sv.numel() == 0 or float(sv[0]) == 0.0:
+            return m.new_zeros(m.shape[0], 0)
+        return u[:, sv > 1e-6 * sv[0]].float().contiguous()
+
+    out = {k: v for k, v in (previous or {}).items()}
+    for name, f in lora_factors(peft_model).items():
+        _, sv, vh = lora_delta_svd(f.a, f.b, f.scaling)
+        if sv.numel() == 0 or float(sv[0]) == 0.0:
+            continue
+        v = vh[sv > 1e-6 * sv[0]].T
+        key = normalize_module_name(name)
+        out[key] = basis(torch.cat([out[key], v], dim=1)) if key in out else basis(v)
+    return {k: v for k, v in out.items() if v.shape[1] > 0}
 
 
 def _supple_callback_class():
@@ -593,6 +645,26 @@ class DemoConfig:
     progress: bool = True
     keep_workdir: bool = False
     command: str | None = None
+    threads: int | None = None  # torch CPU threads; None = auto_threads() (1 for the tiny model)
+
+
+def auto_threads() -> int:
+    """CPU threads for torch: the cores not already busy (1-minute load average), at least 1.
+
+    On a shared machine, more OpenMP threads than idle cores makes every step many times slower (measured
+    on 2 shared cores: a SmolLM2 LoRA step took 9-34 s with 2 threads, 1.8 s with 1).
+    """
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(torch.get_num_threads(), cores, int(cores - busy + 0.5)))
 
 
 def _eval_units(budget: Budget, plan: EvalPlan) -> int:
@@ -618,7 +690,9 @@ def _quiet():
 
     verb = transformers.logging.get_verbosity()
     bars = datasets.utils.logging.is_progress_bar_enabled()
+    tbars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     datasets.utils.logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
@@ -626,6 +700,8 @@ def _quiet():
             yield
     finally:
         transformers.logging.set_verbosity(verb)
+        if tbars:
+            transformers.utils.logging.enable_progress_bar()
         if bars:
             datasets.utils.logging.enable_progress_bar()
 
@@ -669,15 +745,18 @@ def run_demo(cfg: DemoConfig) -> dict:
         geometry_texts=load_builtin_corpus("pydoc", max_chars=1200, limit=budget.geometry_texts),
     )
     threads = torch.get_num_threads()
-    if cfg.model == "tiny":  # tiny ops: thread synchronisation costs more than it saves
-        torch.set_num_threads(1)
-    run_threads = torch.get_num_threads()
+    run_threads = cfg.threads or (1 if cfg.model == "tiny" else auto_threads())
+    torch.set_num_threads(run_threads)
     t_load = time.perf_counter()
-    base_model, tok, model_name = load_testbed_model(cfg.model)
+    with _quiet():
+        base_model, tok, model_name = load_testbed_model(cfg.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base_model.to(device)
     load_s = time.perf_counter() - t_load
 
+    arm_overrides = dict(cfg.supple_overrides)
+    replay_note = None
+    builtin_replay = "supple" in arms and {**SUPPLE_ARM_DEFAULTS, **arm_overrides}.get("replay_data") == "builtin:pydoc"
     units_eval = _eval_units(budget, plan)
     # base: geometry and tasks once (seed-independent), the probe per seed
     total = (1 + len(plan.families)) + len(cfg.seeds) * (
@@ -685,6 +764,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     )
     bar = tqdm(total=total, desc="supple demo", unit="step", disable=not cfg.progress, dynamic_ncols=True)
     workdir = tempfile.mkdtemp(prefix="supple-demo-")
+    if builtin_replay:
+        # replay builtin:pydoc without the paragraphs the general-text geometry is measured on (no leakage)
+        corpus = load_builtin_corpus("pydoc")[len(plan.geometry_texts) :]
+        arm_overrides["replay_data"] = os.path.join(workdir, "replay_pydoc.txt")
+        with open(arm_overrides["replay_data"], "w", encoding="utf-8") as fh:
+            fh.write("\n\n".join(corpus) + "\n")
+        replay_note = (f"replay corpus: builtin:pydoc without its first {len(plan.geometry_texts)} paragraphs "
+                       f"(the general-text measurement texts), {len(corpus)} paragraphs")
     records: list[dict] = []
     measure_rows: list[dict] = []
     supple_configs: dict[str, dict] = {}
@@ -705,14 +792,17 @@ def run_demo(cfg: DemoConfig) -> dict:
                     records.append(_record(seed, arm, 0, None, base_ev, None, model_name))
                 for arm in arms:
                     model = copy.deepcopy(base_model)
-                    previous: list[str] = []
+                    subspaces: dict = {}  # earlier LoRA stages' input subspaces (supple arm)
                     for i, stage in enumerate(stages, start=1):
                         bar.set_description(f"seed {seed} {arm} {stage.name}")
                         callbacks = [_progress_callback(bar)]
                         stage_notes: list[str] = []
                         if arm == "supple":
-                            scfg, stage_notes = supple_arm_config(i, previous, cfg.lora, cfg.supple_overrides)
-                            callbacks.append(callback_cls(scfg))
+                            scfg, stage_notes = supple_arm_config(i, [], cfg.lora, arm_overrides, bool(subspaces))
+                            if replay_note and scfg.replay_data:
+                                stage_notes.append(replay_note)
+                            objs = {"previous_subspaces": subspaces} if scfg.decorrelation_cross_weight > 0 else {}
+                            callbacks.append(callback_cls(scfg, **objs))
                             supple_configs[f"seed{seed}/{stage.name}"] = asdict(scfg)
                         run_seed = 1000 * seed + i  # the same for both arms
                         set_seed(run_seed)
@@ -725,11 +815,10 @@ def run_demo(cfg: DemoConfig) -> dict:
                         outcome = STAGE_KINDS[stage.kind].run(ctx)
                         train_s = time.perf_counter() - t0
                         model = outcome.model
+                        _unpatch_forward(model.get_base_model() if hasattr(model, "get_base_model") else model)
                         if cfg.lora:
-                            if arm == "supple":  # this stage's adapter: the next stages' cross-stage subspace
-                                adir = os.path.join(workdir, f"s{seed}-{arm}-{i}-adapter")
-                                model.save_pretrained(adir, safe_serialization=True)
-                                previous.append(adir)
+                            if arm == "supple":  # this stage's update directions: the next stages' cross term
+                                subspaces = lora_input_subspaces(model, subspaces)
                             model = model.merge_and_unload()
                         model.to(device)
                         ev = evaluate(model, tok, plan, budget, seed, f"{arm}/{stage.name}", tick=bar.update)

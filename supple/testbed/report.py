@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict
 from collections.abc import Sequence
+from dataclasses import asdict
 
 # (column header, metric key in the summary, decimals); per-family accuracy columns are inserted at "acc"
 _COLUMNS: list[tuple[str, str, int]] = [
@@ -27,7 +27,9 @@ COLUMN_HELP = {
     "probe final": "held-out loss after the probe's steps (lower = adapts better)",
     "probe impr": "start - final",
     "probe area": "mean held-out loss over the probe's training (area under the curve / steps)",
-    "acc": "held-out accuracy (greedy generation, checked answer) per task family; the last is out-of-domain",
+    "acc": "held-out accuracy (greedy generation, checked answer) per task family; OOD: the out-of-domain family",
+    "CE": "held-out answer-token cross-entropy (teacher-forced) per stage task family: its rise after later stages "
+    "is forgetting",
     "ECE": "expected calibration error of the answer tokens of the in-domain families (15 bins)",
     "train s": "wall time of the stage's training",
 }
@@ -41,6 +43,8 @@ def _cols(summary: Sequence[dict], families: dict) -> list[tuple[str, str, int]]
                 cols.append((f"acc {fam}", f"acc/{fam}", 2))
             if families.get("ood"):
                 cols.append((f"OOD {families['ood']}", f"acc/{families['ood']}", 2))
+            for fam in families.get("stages", []):
+                cols.append((f"CE {fam}", f"answer_ce/{fam}", 2))
         else:
             cols.append((head, key, dec))
     return cols
@@ -112,7 +116,8 @@ def write_markdown(results: dict, path: str, plots: Sequence[str] = ()) -> str:
     lines = [
         "# supple demo",
         "",
-        f"- model: {meta['model']} ({'LoRA r%d, merged after each stage' % b['lora_r'] if meta['lora'] else 'full fine-tuning'})",
+        f"- model: {meta['model']} ("
+        + (f"LoRA r{b['lora_r']}, merged after each stage" if meta["lora"] else "full fine-tuning") + ")",
         "- stages: " + " → ".join(
             "{name} ({kind} on {family}, {steps} steps, lr {lr:g})".format(**s) for s in meta["stages"]
         ),
@@ -164,9 +169,13 @@ def plot_summary(results: dict, path: str) -> str:
 
     summary = results["summary"]
     fams = results["meta"]["families"]
-    metrics = list(_PLOT_METRICS)
-    metrics[6:6] = [(f"acc/{f}", f"accuracy {f}") for f in fams["stages"]]
-    metrics[6 + len(fams["stages"]) : 6 + len(fams["stages"])] = [(f"acc/{fams['ood']}", f"OOD accuracy {fams['ood']}")]
+    metrics = [
+        *_PLOT_METRICS[:6],
+        *[(f"acc/{f}", f"accuracy {f}") for f in fams["stages"]],
+        (f"acc/{fams['ood']}", f"OOD accuracy {fams['ood']}"),
+        *[(f"answer_ce/{f}", f"answer CE {f} (forgetting)") for f in fams["stages"]],
+        *_PLOT_METRICS[6:],
+    ]
     stages = list(dict.fromkeys(g["stage"] for g in summary))
     arms = list(dict.fromkeys(g["arm"] for g in summary))
     ncol = 4

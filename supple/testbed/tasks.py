@@ -6,8 +6,8 @@ pairs, rewards and held-out accuracy all come from checking answers.
 
 Roles in the default testbed (``ROLES``):
 
-- ``domain_a``  ``arithmetic``   two-digit addition / subtraction: SFT, then DPO (stages 1-2)
-- ``domain_b``  ``sorting``      sort a short list of numbers: the second narrow SFT (stage 3)
+- ``domain_a``  ``arithmetic``   addition / subtraction of numbers 2-50: SFT, then DPO (stages 1-2)
+- ``domain_b``  ``sorting``      sort 3-4 numbers: the second narrow SFT (stage 3)
 - ``probe``     ``number_words`` write a number in words: the plasticity probe's held-out task
 - ``ood``       ``knowledge``    capitals, opposites, plurals, next weekday/month: out-of-domain accuracy
 
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 SYSTEM_PROMPT = "Answer with the answer only."
 EVAL_POOL = 256
@@ -103,10 +103,10 @@ class TaskFamily:
 
 class Arithmetic(TaskFamily):
     name = "arithmetic"
-    description = "two-digit addition and subtraction (non-negative results)"
+    description = "addition and subtraction of numbers 2-50 (non-negative results)"
     max_new_tokens = 8
 
-    def __init__(self, low: int = 10, high: int = 99):
+    def __init__(self, low: int = 2, high: int = 50):
         self.low, self.high = low, high
 
     def sample(self, rng: random.Random) -> Example:
@@ -140,11 +140,11 @@ class Arithmetic(TaskFamily):
 
 class Sorting(TaskFamily):
     name = "sorting"
-    description = "sort 3-5 distinct numbers (1-99) in ascending order"
-    max_new_tokens = 24
+    description = "sort 3-4 distinct numbers (1-99) in ascending order"
+    max_new_tokens = 16
 
     def sample(self, rng: random.Random) -> Example:
-        k = rng.randint(3, 5)
+        k = rng.randint(3, 4)
         xs = rng.sample(range(1, 100), k)
         return Example(
             self.name,
