@@ -232,6 +232,19 @@ def test_demo_cli_tiny_end_to_end(tmp_path, capsys):
         assert any("replay corpus" in n for n in res["meta"]["notes"])
 
 
+def test_demo_grpo_stage_tiny(tmp_path):
+    """`supple demo --stages sft,dpo,grpo`: outcome-reward RL on the checked answers, both arms."""
+    budget = PRESETS["smoke"]
+    res = run_demo(DemoConfig(model="tiny", budget=budget, stages="sft,dpo,grpo", seeds=[0], out=str(tmp_path),
+                              progress=False))
+    _check_outputs(tmp_path, [0], ["baseline", "supple"], ["sft", "dpo", "grpo"])
+    grpo = [r for r in res["records"] if r["stage"] == "grpo"]
+    assert len(grpo) == 2 and all("reward_final" in r["train"] for r in grpo)
+    sup = next(r for r in grpo if r["arm"] == "supple")
+    keys = {k for h in sup["train"]["log_history"] for k in h}
+    assert {"supple/diversity", "supple/decorrelation", "supple/cross_overlap"} <= keys
+
+
 def test_demo_full_ft_tiny(tmp_path):
     budget = PRESETS["smoke"]
     res = run_demo(DemoConfig(model="tiny", budget=budget, stages="sft,dpo", seeds=[3], lora=False,

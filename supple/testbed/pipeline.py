@@ -250,7 +250,10 @@ def _training_args(config_cls, ctx: StageContext, **extra):
         max_length=b.max_length,
     )
     kw.update(extra)
-    return config_cls(**kw)
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in kw.items() if k in known})
 
 
 def _peft_config(ctx: StageContext):
@@ -328,8 +331,34 @@ def run_dpo_stage(ctx: StageContext) -> StageOutcome:
     return StageOutcome(model, hist, _final_means(hist, ("loss", "rewards/accuracies", "rewards/margins")))
 
 
+def run_grpo_stage(ctx: StageContext) -> StageOutcome:
+    """Outcome-reward RL (GRPO): reward 1 for a checked-correct answer, else 0; 4 completions per prompt."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    fam = T.get_family(ctx.stage.family)
+    examples = fam.train_examples(_n_train(ctx), ctx.data_seed, split="grpo")
+    data = Dataset.from_list(T.rl_records(examples))
+    gen_batch = ctx.budget.batch_size * ctx.budget.grad_accum
+    n_gen = next((k for k in (4, 2) if gen_batch % k == 0), 0)
+    if not n_gen:
+        raise ValueError(f"grpo stage: batch_size × grad_accum = {gen_batch} must be even (completions per prompt).")
+    args = _training_args(
+        GRPOConfig, ctx, num_generations=n_gen, max_completion_length=16, beta=0.0, temperature=1.0,
+    )
+    trainer = GRPOTrainer(
+        model=ctx.model, reward_funcs=T.reward_function(fam), args=args, train_dataset=data,
+        processing_class=ctx.tokenizer, peft_config=_peft_config(ctx), callbacks=ctx.callbacks,
+    )
+    prepare_trainer(trainer).train()
+    model, hist = trainer.model, list(trainer.state.log_history)
+    del trainer
+    return StageOutcome(model, hist, _final_means(hist, ("loss", "reward", "reward_std")))
+
+
 register_stage_kind("sft", run_sft_stage, "domain_a")
 register_stage_kind("dpo", run_dpo_stage, "domain_a")
+register_stage_kind("grpo", run_grpo_stage, "domain_a")
 
 
 def _final_means(hist: list[dict], keys: Sequence[str]) -> dict[str, float]:
