@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..modeling import normalize_module_name
+from ..regularizers.geometry import lora_delta_svd
 
 SUBSPACE_FORMAT = "supple-subspace-v1"
 _REL_TOL = 1e-6
@@ -98,10 +99,11 @@ def _adapter_bases(tensors: dict[str, torch.Tensor], scaling: float) -> dict[str
         b_key = prefix + ".lora_B.weight"
         if b_key not in tensors:
             continue
-        a, b = tensors[a_key].float(), tensors[b_key].float()
-        u = _right_basis(scaling * (b @ a), 0)
-        if u.shape[1]:
-            bases[normalize_module_name(prefix)] = u
+        _, sv, vh = lora_delta_svd(tensors[a_key], tensors[b_key], scaling, dtype=torch.float64)
+        if sv.numel() == 0 or float(sv.max()) == 0.0:
+            continue
+        keep = sv > _REL_TOL * sv.max()  # thin SVD via QR of the factors: never forms ΔW (d_out × d_in)
+        bases[normalize_module_name(prefix)] = vh[keep].T.contiguous().float()
     return bases
 
 
