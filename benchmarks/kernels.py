@@ -63,24 +63,7 @@ GRAM_CHECK = (1024, 4096)
 
 def ipr_eager_dxd(h: torch.Tensor, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``ipr_reference`` with the d×d covariance route forced (for the Gram-trick comparison)."""
-    x = h.detach().float()
-    if normalize:
-        raw_norm = x.norm(dim=1, keepdim=True)
-        norm = raw_norm.clamp_min(NORM_EPS)
-        z = x / norm
-    else:
-        z = x
-    zc = z - z.mean(dim=0, keepdim=True)
-    s = (zc * zc).sum()
-    cov = zc.T @ zc  # d × d
-    num = (cov * cov).sum()
-    zzz = zc @ cov
-    p = num / (s * s)
-    g = (4.0 / (s * s)) * (zzz - p * s * zc)
-    if normalize:
-        radial = (g * z).sum(dim=1, keepdim=True)
-        g = torch.where(raw_norm < NORM_EPS, g, g - radial * z) / norm
-    return p, g
+    return ipr_reference(h, normalize, side="cov")
 
 
 def ipr_autograd_dxd(h: torch.Tensor, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,19 +15,6 @@ from supple import SuppleCallback, SuppleConfig
 from ._runs import dpo_dataset, run, trainable_state
 
 
-@pytest.fixture
-def count_penalties(monkeypatch):
-    calls = []
-    real = diversity_mod.penalty_value_and_grad
-
-    def spy(name, h, normalize):
-        calls.append(h.shape[0])
-        return real(name, h, normalize)
-
-    monkeypatch.setattr(diversity_mod, "penalty_value_and_grad", spy)
-    return calls
-
-
 @pytest.mark.parametrize("kind,ckpt", [("dpo", False), ("dpo", True), ("sft", True)])
 def test_each_micro_batch_counts_once_and_reference_eval_passes_are_untouched(tmp_path, count_penalties, kind, ckpt):
     """2 steps × GA 2 × 2 blocks = 8 terms: DPO's reference pass, checkpoint recomputation and eval add none."""

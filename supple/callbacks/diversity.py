@@ -32,6 +32,21 @@ def token_generator(seed: int, step: int, micro: int, layer: int) -> torch.Gener
     return g
 
 
+def real_token_indices(mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor:
+    """Flat CPU indices (into a (batch·seq) view) of the real (non-padding) tokens."""
+    if mask is None:
+        return torch.arange(batch * seq)
+    return mask.reshape(-1).nonzero().flatten().cpu()
+
+
+def subsample(idx: torch.Tensor, max_tokens: int, generator: torch.Generator | None) -> torch.Tensor:
+    """At most ``max_tokens`` of ``idx`` (0 = all), drawn with ``generator`` on the CPU, kept in order."""
+    if max_tokens and idx.numel() > max_tokens:
+        perm = torch.randperm(idx.numel(), generator=generator)[:max_tokens]
+        idx = idx[perm.sort().values]
+    return idx
+
+
 def select_tokens(
     mask: torch.Tensor | None, batch: int, seq: int, max_tokens: int, generator: torch.Generator | None
 ) -> torch.Tensor:
@@ -39,14 +54,7 @@ def select_tokens(
 
     The subsample is drawn with ``generator`` on the CPU, so it is reproducible across devices.
     """
-    if mask is None:
-        idx = torch.arange(batch * seq)
-    else:
-        idx = mask.reshape(-1).nonzero().flatten().cpu()
-    if max_tokens and idx.numel() > max_tokens:
-        perm = torch.randperm(idx.numel(), generator=generator)[:max_tokens]
-        idx = idx[perm.sort().values]
-    return idx
+    return subsample(real_token_indices(mask, batch, seq), max_tokens, generator)
 
 
 class _Tap(torch.autograd.Function):
@@ -111,6 +119,8 @@ class DiversityTaps:
         self._forward_id = 0
         self._done: set[tuple[int, int]] = set()
         self._mask: torch.Tensor | None = None
+        self._real_idx: torch.Tensor | None = None  # real-token indices of the current forward, shared by blocks
+        self._real_idx_shape: tuple[int, int] | None = None
         self._warned_nonfinite = False
         self._warned_mask = False
         self.paused = False
@@ -139,6 +149,7 @@ class DiversityTaps:
         self._done = {key for key in self._done if key[0] >= self._forward_id - 1}
         mask = kwargs.get("attention_mask")
         self._mask = mask.detach() if isinstance(mask, torch.Tensor) else None
+        self._real_idx = None
         return None
 
     def _make_block_hook(self, layer: int):
@@ -169,9 +180,12 @@ class DiversityTaps:
                 "supple: attention_mask does not match the hidden states; using every position.", stacklevel=2
             )
             self._warned_mask = True
+        if self._real_idx is None or self._real_idx_shape != (b, t):  # one mask scan per forward, not per block
+            self._real_idx = real_token_indices(mask, b, t)
+            self._real_idx_shape = (b, t)
         seed, step, micro = self.rng_fn()
         gen = token_generator(seed, step, micro, layer) if self.max_tokens else None
-        idx = select_tokens(mask, b, t, self.max_tokens, gen).to(hidden.device)
+        idx = subsample(self._real_idx, self.max_tokens, gen).to(hidden.device)
         h = hidden.detach().reshape(-1, d).index_select(0, idx)
         if self.capture_fn():
             self.stats.hidden_samples[layer] = h.float().cpu()

@@ -23,11 +23,17 @@ from .dispatch import use_triton
 NORM_EPS = 1e-6
 
 
-def ipr_reference(h: torch.Tensor, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def ipr_reference(
+    h: torch.Tensor, normalize: bool = True, side: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference: returns ``(P, dP/dH)`` with P a 0-d fp32 tensor and dP/dH in fp32, shape of ``h``.
 
     P is NaN when fewer than two tokens (or all-identical tokens) make the covariance zero.
+    ``side``: "auto" (the n×n Gram when n ≤ d, else the d×d covariance), or force "gram" / "cov"
+    (benchmarks compare the two routes).
     """
+    if side not in ("auto", "gram", "cov"):
+        raise ValueError(f"side={side!r}: use 'auto', 'gram' or 'cov'")
     if h.dim() != 2:
         raise ValueError(f"ipr expects a 2-D (tokens × features) tensor, got shape {tuple(h.shape)}")
     x = h.detach().float()
@@ -40,7 +46,7 @@ def ipr_reference(h: torch.Tensor, normalize: bool = True) -> tuple[torch.Tensor
         z = x
     zc = z - z.mean(dim=0, keepdim=True)
     s = (zc * zc).sum()
-    if n <= d:
+    if side == "gram" or (side == "auto" and n <= d):
         gram = zc @ zc.T  # n × n
         num = (gram * gram).sum()
         zzz = gram @ zc  # Zc ZcᵀZc

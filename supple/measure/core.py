@@ -354,45 +354,13 @@ def trajectory_records(run: MeasureRun) -> list[dict]:
         cnt = t[f"count_{tokens}"]
         n = int(cnt)
         mean = {key: t[f"{key}_{tokens}"] / cnt.clamp_min(1) for key in ("cos", "step_raw", "step_unit")}
+        per_block = (("cos_prev", "cos", None), ("step_length", "step_raw", "raw"), ("step_length", "step_unit", "unit"))
         for k in range(run.num_blocks):
-            rows.append(
-                record(
-                    run.name,
-                    "trajectory",
-                    "block_output",
-                    "cos_prev",
-                    mean["cos"][k],
-                    layer=k,
-                    tokens=tokens,
-                    n=n,
+            for metric, key, space in per_block:
+                rows.append(
+                    record(run.name, "trajectory", "block_output", metric, mean[key][k], layer=k, tokens=tokens,
+                           space=space, n=n)
                 )
-            )
-            rows.append(
-                record(
-                    run.name,
-                    "trajectory",
-                    "block_output",
-                    "step_length",
-                    mean["step_raw"][k],
-                    layer=k,
-                    tokens=tokens,
-                    space="raw",
-                    n=n,
-                )
-            )
-            rows.append(
-                record(
-                    run.name,
-                    "trajectory",
-                    "block_output",
-                    "step_length",
-                    mean["step_unit"][k],
-                    layer=k,
-                    tokens=tokens,
-                    space="unit",
-                    n=n,
-                )
-            )
             if run.lens:
                 c = run.lens[f"count_{tokens}"][k]
                 v = run.lens[f"agree_{tokens}"][k] / c if c > 0 else float("nan")
