@@ -10,13 +10,15 @@ down reads d_in = 11008; 32 layers x 7 = 224 modules, LoRA A of shape (r, d_in),
 So two shape groups: 192 x (16, 4096) and 32 x (16, 11008). Cross-stage bases U: (d_in, k), k = 16,
 orthonormal, fixed.
 
-Both variants compute the same scalar, mean intra (+ mean cross) over all modules, and its gradient
-with respect to every A (forward + backward, ``torch.autograd.grad``), as the callback does once per
-optimizer step:
+Both variants compute the same scalar, mean intra (+ mean cross) over all modules, and add its gradient
+into every A's ``.grad``, as the callback does once per optimizer step:
 
-- batched: one ``lora_penalties`` call per shape group on ``torch.stack`` of the group's A matrices
-  (the stack is included in the time: the callback stacks every step);
-- loop: one ``lora_penalties`` call per module on a stack of one (M = 1), then the sum.
+- batched: ``LoraDecorrelation.add_gradients`` — the callback's own code: copy each shape group into a
+  reused (M, r, d_in) buffer, one ``lora_penalties`` forward + backward per group, one finiteness check,
+  add into the ``.grad`` of every module;
+- loop: one ``lora_penalties`` call per module on a stack of one (M = 1), its backward, add into ``.grad``;
+- copy: a yardstick, not a variant — one copy of every A into the group buffers, i.e. one read and one
+  write of the adapter's A matrices, the least memory traffic any batched path has.
 
 The variants are timed alternately (order swapped every repetition), ``--reps`` times each, with and
 without the cross bases; reported: median time of each, and median and IQR of the per-repetition ratio
@@ -63,29 +65,55 @@ def make_modules(layers: int, rank: int, d_model: int, d_ff: int, k: int, seed: 
     return groups
 
 
-def batched(groups, cross: bool):
-    from supple.regularizers.lora import lora_penalties
+def _decorrelation(groups, cross: bool):
+    """The callback's own object (``LoraDecorrelation``), wired to these tensors instead of a PEFT model."""
+    from supple.callbacks.decorrelation import LoraDecorrelation, _Group
 
-    params, total, n = [], None, sum(len(p) for p, _ in groups)
-    for ps, u in groups:
-        intra, xs = lora_penalties(torch.stack(ps), u if cross else None)
-        term = intra.sum() + (xs.sum() if cross else 0.0)
-        total = term if total is None else total + term
-        params += ps
-    return torch.autograd.grad(total / n, params)
+    key = (id(groups), cross)
+    if key not in _CACHE:
+        dec = LoraDecorrelation(1.0, 1.0 if cross else 0.0)
+        dec.groups = [_Group(ps, u if cross else None, torch.ones(len(ps), dtype=torch.bool)) for ps, u in groups]
+        dec.num_modules = sum(len(ps) for ps, _ in groups)
+        dec.num_with_basis = dec.num_modules if cross else 0
+        _CACHE[key] = dec
+    return _CACHE[key]
+
+
+_CACHE: dict = {}
+
+
+def batched(groups, cross: bool):
+    """What the callback does once per optimizer step: ``LoraDecorrelation.add_gradients`` (stack each shape
+    group into a reused buffer, one ``lora_penalties`` forward + backward per group, add into every ``.grad``)."""
+    _decorrelation(groups, cross).add_gradients()
 
 
 def loop(groups, cross: bool):
+    """The same penalty and gradient, one module at a time: ``lora_penalties`` on a stack of one, backward,
+    add into ``.grad``."""
     from supple.regularizers.lora import lora_penalties
 
-    params, total, n = [], None, sum(len(p) for p, _ in groups)
+    n = sum(len(p) for p, _ in groups)
     for ps, u in groups:
         for i, p in enumerate(ps):
             intra, xs = lora_penalties(p.unsqueeze(0), u[i : i + 1] if cross else None)
             term = intra.sum() + (xs.sum() if cross else 0.0)
-            total = term if total is None else total + term
-            params.append(p)
-    return torch.autograd.grad(total / n, params)
+            (g,) = torch.autograd.grad(term / n, p)
+            p.grad.add_(g)
+
+
+def copy_floor(groups, cross: bool):
+    """Memory-traffic yardstick: one copy of every A into the stacks (what any batched path must at least do)."""
+    for g in _decorrelation(groups, cross).groups:
+        g.stacked()
+
+
+def grads_of(fn, groups, cross: bool) -> list[torch.Tensor]:
+    params = [p for ps, _ in groups for p in ps]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    fn(groups, cross)
+    return [p.grad.clone() for p in params]
 
 
 def timed(fn, *args) -> float:
@@ -119,17 +147,18 @@ def main(argv=None) -> int:
     rows = []
     print(f"LoRA decorrelation penalty, forward + backward: {n_modules} modules [{shapes}], fp32, "
           f"{torch.get_num_threads()} torch threads, {args.reps} reps, {date}")
-    print(f"{'variant':<14}{'batched ms':>12}{'loop ms':>10}{'loop/batched':>14}{'IQR':>18}{'target':>9}")
+    print(f"{'variant':<14}{'batched ms':>12}{'loop ms':>10}{'copy ms':>9}{'loop/batched':>14}{'IQR':>18}{'target':>9}")
     for cross in (False, True):
-        gb, gl = batched(groups, cross), loop(groups, cross)
+        gb, gl = grads_of(batched, groups, cross), grads_of(loop, groups, cross)
         worst = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(gb, gl))
         if worst > 1e-4:
             raise AssertionError(f"batched and loop gradients differ (max relative {worst:.2e})")
         for _ in range(args.warmup):
             batched(groups, cross)
             loop(groups, cross)
-        tb, tl, ratios = [], [], []
+        tb, tl, tc, ratios = [], [], [], []
         for rep in range(args.reps):
+            tc.append(timed(copy_floor, groups, cross))
             if rep % 2 == 0:
                 b, lo = timed(batched, groups, cross), timed(loop, groups, cross)
             else:
@@ -146,6 +175,7 @@ def main(argv=None) -> int:
             k=args.k if cross else 0,
             batched_ms_median=statistics.median(tb) * 1e3,
             loop_ms_median=statistics.median(tl) * 1e3,
+            stack_copy_ms_median=statistics.median(tc) * 1e3,
             speedup_median=statistics.median(ratios),
             speedup_q25=quantile(ratios, 0.25),
             speedup_q75=quantile(ratios, 0.75),
@@ -161,7 +191,7 @@ def main(argv=None) -> int:
         )
         rows.append(row)
         iqr = "[{:.2f}, {:.2f}]".format(row["speedup_q25"], row["speedup_q75"])
-        print(f"{name:<14}{row['batched_ms_median']:>12.1f}{row['loop_ms_median']:>10.1f}"
+        print(f"{name:<14}{row['batched_ms_median']:>12.1f}{row['loop_ms_median']:>10.1f}{row['stack_copy_ms_median']:>9.1f}"
               f"{row['speedup_median']:>13.2f}x{iqr:>18}{'>=5x':>9}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / (f"lora_batched_{args.tag}.csv" if args.tag else "lora_batched.csv")

@@ -133,3 +133,43 @@ def test_lora_penalty_extremes():
     assert torch.all(r1 == 0)
     with pytest.raises(ValueError, match="modules, r, d_in"):
         orthogonality_reference(torch.randn(3, 4))
+
+
+def _clamped_formula(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """intra.sum() + 3·cross.sum() written with autograd ops, norms clamped as in ARCHITECTURE.md."""
+    ah = a / a.norm(dim=2, keepdim=True).clamp_min(1e-6)
+    g = ah @ ah.transpose(1, 2)
+    r = a.shape[1]
+    intra = ((g * g).sum(dim=(1, 2)) - (torch.diagonal(g, dim1=1, dim2=2) ** 2).sum(dim=1)) / (r * (r - 1))
+    cross = ((ah @ u) ** 2).sum(dim=(1, 2)) / r
+    return intra.sum() + 3 * cross.sum()
+
+
+def test_orthogonality_hand_backward_matches_autograd_incl_zero_rows_and_bases():
+    gen = torch.Generator().manual_seed(11)
+    a = torch.randn(3, 5, 9, generator=gen, dtype=torch.float64)
+    a[1, 2] = 0.0  # a clamped row: no gradient through its norm
+    a.requires_grad_(True)
+    u = torch.linalg.qr(torch.randn(3, 9, 4, generator=gen, dtype=torch.float64))[0].requires_grad_(True)
+    intra, cross = orthogonality_reference(a, u)
+    ga, gu = torch.autograd.grad(intra.sum() + 3 * cross.sum(), (a, u))
+    ea, eu = torch.autograd.grad(_clamped_formula(a, u), (a, u))
+    torch.testing.assert_close(ga.double(), ea, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gu.double(), eu, rtol=1e-4, atol=1e-6)
+    # only one of the two outputs used: the other's gradient path must not leak in
+    (g_only,) = torch.autograd.grad(orthogonality_reference(a, u)[1].sum(), a)
+    ah = a / a.norm(dim=2, keepdim=True).clamp_min(1e-6)
+    (e_only,) = torch.autograd.grad((((ah @ u) ** 2).sum(dim=(1, 2)) / 5).sum(), a)
+    torch.testing.assert_close(g_only.double(), e_only, rtol=1e-4, atol=1e-6)
+
+
+def test_orthogonality_low_precision_input_accumulates_in_fp32():
+    gen = torch.Generator().manual_seed(12)
+    a = torch.randn(4, 8, 64, generator=gen).bfloat16().requires_grad_(True)
+    intra, _ = orthogonality_reference(a)
+    assert intra.dtype == torch.float32
+    (g,) = torch.autograd.grad(intra.sum(), a)
+    assert g.dtype == torch.bfloat16
+    a32 = a.detach().float().requires_grad_(True)
+    (g32,) = torch.autograd.grad(orthogonality_reference(a32)[0].sum(), a32)
+    torch.testing.assert_close(g.float(), g32, rtol=2e-2, atol=1e-4)

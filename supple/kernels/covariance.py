@@ -23,6 +23,27 @@ from .dispatch import use_triton
 NORM_EPS = 1e-6
 
 
+def _xxt(x: torch.Tensor, blocks: int = 4, min_rows: int = 512) -> torch.Tensor:
+    """x·xᵀ computing only the upper block triangle (10 of 16 blocks), mirrored: ~5/8 of the matmul FLOPs.
+
+    BLAS has no symmetric rank-k product in torch; for the sizes the penalty sees this is 1.3–1.7× faster
+    than one ``x @ x.T`` on CPU (benchmarks/kernels.py). Small inputs take the plain product.
+    """
+    n = x.shape[0]
+    if n < min_rows:
+        return x @ x.T
+    cuts = [n * i // blocks for i in range(blocks + 1)]
+    parts = [x[cuts[i] : cuts[i + 1]] for i in range(blocks)]
+    out = x.new_empty(n, n)
+    for i in range(blocks):
+        for j in range(i, blocks):
+            blk = out[cuts[i] : cuts[i + 1], cuts[j] : cuts[j + 1]]
+            torch.mm(parts[i], parts[j].T, out=blk) if blk.is_contiguous() else blk.copy_(parts[i] @ parts[j].T)
+            if j > i:
+                out[cuts[j] : cuts[j + 1], cuts[i] : cuts[i + 1]] = blk.T
+    return out
+
+
 def ipr_reference(
     h: torch.Tensor, normalize: bool = True, side: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,6 +52,15 @@ def ipr_reference(
     P is NaN when fewer than two tokens (or all-identical tokens) make the covariance zero.
     ``side``: "auto" (the n×n Gram when n ≤ d, else the d×d covariance), or force "gram" / "cov"
     (benchmarks compare the two routes).
+
+    Gram route (n ≤ d): with ν_i = max(‖h_i‖, ε), μ the mean of the rows z_i = h_i/ν_i, Zc = Z − 1μᵀ,
+    G = ZcZcᵀ, s = tr G and W = (4/s²)(G − P·s·I) (so ∂P/∂Z = W·Zc), the row-normalization chain's radial
+    term is ρ_i = (W·Zc)_i·z_i = (W∘G)·1 + W·(Zc·μ) (0 for a clamped row), and
+
+        ∂P/∂H = diag(1/ν)·(W − diag ρ)·Zc − (ρ/ν)·μᵀ
+
+    i.e. one n×n matmul for G and one for the gradient; everything elementwise is on n×n matrices or
+    vectors, apart from forming Zc.
     """
     if side not in ("auto", "gram", "cov"):
         raise ValueError(f"side={side!r}: use 'auto', 'gram' or 'cov'")
@@ -38,6 +68,28 @@ def ipr_reference(
         raise ValueError(f"ipr expects a 2-D (tokens × features) tensor, got shape {tuple(h.shape)}")
     x = h.detach().float()
     n, d = x.shape
+    if side == "gram" or (side == "auto" and n <= d):
+        if normalize:
+            raw = torch.linalg.vector_norm(x, dim=1)
+            inv = raw.clamp_min(NORM_EPS).reciprocal()
+            live = (raw >= NORM_EPS).float()
+        else:
+            inv = x.new_ones(n)
+            live = x.new_zeros(n)
+        zc = x * inv.unsqueeze(1)
+        mu = zc.mean(dim=0)
+        zc.sub_(mu)  # Zc = diag(1/ν)·H − 1μᵀ, exactly 0 for one token or identical tokens (P is then NaN)
+        gram = _xxt(zc)  # n × n
+        s = gram.diagonal().sum()
+        p = (gram * gram).sum() / (s * s)
+        w = gram * (4.0 / (s * s))
+        w.diagonal().sub_(4.0 * p / s)
+        rho = ((w * gram).sum(dim=1) + torch.mv(w, torch.mv(zc, mu))) * live
+        w.diagonal().sub_(rho)
+        w.mul_(inv.unsqueeze(1))
+        g = torch.mm(w, zc)
+        g.addr_(rho * inv, mu, alpha=-1.0)
+        return p, g
     if normalize:
         raw_norm = x.norm(dim=1, keepdim=True)
         norm = raw_norm.clamp_min(NORM_EPS)
@@ -46,14 +98,9 @@ def ipr_reference(
         z = x
     zc = z - z.mean(dim=0, keepdim=True)
     s = (zc * zc).sum()
-    if side == "gram" or (side == "auto" and n <= d):
-        gram = zc @ zc.T  # n × n
-        num = (gram * gram).sum()
-        zzz = gram @ zc  # Zc ZcᵀZc
-    else:
-        cov = zc.T @ zc  # d × d
-        num = (cov * cov).sum()
-        zzz = zc @ cov
+    cov = _xxt(zc.T)  # d × d
+    num = (cov * cov).sum()
+    zzz = zc @ cov
     p = num / (s * s)
     g = (4.0 / (s * s)) * (zzz - p * s * zc)
     if normalize:
