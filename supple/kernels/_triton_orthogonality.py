@@ -39,8 +39,8 @@ Cost for 224 modules, r = 16, d_in = 4096, k = 16, A and U in bf16 (H100 SXM: 98
 
 Compute is ~1 µs at the bf16 rate (≈6 µs even as 3×TF32), so both kernels sit on the memory roof:
 ≈ 44 µs for forward + backward with U. With fp32 U (the usual case for an SVD basis) add 29.4 MB
-per pass (≈ 9 µs each). A torch eager version moves the normalized copy Â (fp32, 58.7 MB) and the
-(M, r, k)/(M, r, r) batched products through memory several times and launches ~20 kernels.
+per pass (≈ 9 µs each). The torch reference (same Gram-form math) reads A four times in
+four batched matmuls (an fp32 copy first when A is bf16) and launches ~25 small kernels for the r×r work.
 Parallelism is M programs (224 on 132 SMs); a stack of few modules with a very long d_in uses few SMs.
 
 Under ``TRITON_INTERPRET=1`` the autotuner is bypassed and ``INTERPRETER_CONFIGS`` is used.

@@ -26,8 +26,8 @@ NORM_EPS = 1e-6
 def _xxt(x: torch.Tensor, blocks: int = 4, min_rows: int = 512) -> torch.Tensor:
     """x·xᵀ computing only the upper block triangle (10 of 16 blocks), mirrored: ~5/8 of the matmul FLOPs.
 
-    BLAS has no symmetric rank-k product in torch; for the sizes the penalty sees this is 1.3–1.7× faster
-    than one ``x @ x.T`` on CPU (benchmarks/kernels.py). Small inputs take the plain product.
+    torch exposes no symmetric rank-k product (BLAS syrk); this is the cheap substitute, used for both the
+    n×n Gram and the d×d covariance so the two routes stay comparable. Small inputs take the plain product.
     """
     n = x.shape[0]
     if n < min_rows:
