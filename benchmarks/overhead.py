@@ -18,8 +18,10 @@ Two views of the overhead are printed (see ARCHITECTURE.md, "Measurement notes")
 
 Configurations: baseline (no callback), diversity (weight 0.05 at the defaults: block -1, 1024 tokens),
 decorrelation (intra and cross weights 0.1, a random orthonormal basis per LoRA module passed as
-``previous_subspaces``), metrics (``metrics_every=50``), all (everything together) and control (a
-second trainer without the callback: an A/A test of the method).
+``previous_subspaces``), metrics (``metrics_every=50``), all (everything together), replay, refresh,
+pipeline (the full `supple demo` supple arm, ``SUPPLE_ARM_DEFAULTS``: diversity + intra/cross
+decorrelation + replay, target <= 5 %; its own-time view adds one replay forward/backward divided by
+``replay_every``) and control (a second trainer without the callback: an A/A test of the method).
 
 1. A/B: per-step ratio config / baseline, pairing step j of a config's block with step j of the
    baseline's block in the same repetition. Reported: median and IQR of those ratios, a 95 % bootstrap
@@ -66,8 +68,8 @@ from pathlib import Path
 
 import torch
 
-ALL_CONFIGS = ("baseline", "diversity", "decorrelation", "metrics", "all", "replay", "refresh", "control")
-TARGETS = {"diversity": 0.02, "decorrelation": 0.01, "metrics": 0.01}  # step-time overhead targets
+ALL_CONFIGS = ("baseline", "diversity", "decorrelation", "metrics", "all", "replay", "refresh", "pipeline", "control")
+TARGETS = {"diversity": 0.02, "decorrelation": 0.01, "metrics": 0.01, "pipeline": 0.05}  # step-time overhead targets
 DIVERSITY_WEIGHT = 0.05
 DECOR_WEIGHT = 0.1
 METRICS_EVERY = 50
@@ -97,8 +99,21 @@ def supple_settings(name: str) -> dict | None:
         "replay": dict(replay_data="builtin:pydoc", replay_every=4),
         # refresh at its defaults (shrink & perturb every 200 steps); REFRESH_EVERY_BENCH makes it fire here
         "refresh": dict(refresh_method="shrink_perturb", refresh_every=REFRESH_EVERY_BENCH),
+        # the full pipeline: supple's recommended interventions, exactly the `supple demo` supple arm
+        "pipeline": pipeline_settings() if name == "pipeline" else None,
         "control": None,
     }[name]
+
+
+PIPELINE_OVERRIDES: dict = {}  # --pipeline FIELD=VALUE
+
+
+def pipeline_settings() -> dict:
+    """The `supple demo` supple arm (``SUPPLE_ARM_DEFAULTS``): diversity + intra/cross decorrelation + replay,
+    with ``--pipeline FIELD=VALUE`` overrides (as ``supple demo --supple``)."""
+    from supple.testbed.pipeline import SUPPLE_ARM_DEFAULTS
+
+    return {**SUPPLE_ARM_DEFAULTS, **PIPELINE_OVERRIDES}
 
 
 def load_model(embedded: bool, seed: int):
@@ -388,7 +403,7 @@ def time_fn(fn, reps: int, warmup: int = 3) -> float:
     return statistics.median(ts)
 
 
-def own_times(args, base, hidden: int, reps: int) -> dict[str, float]:
+def own_times(args, base, tok, hidden: int, reps: int) -> dict[str, float]:
     """Seconds per call of each piece of the callback's own work, on tensors of the run's shapes."""
     from supple.callbacks import select_tokens, token_generator
     from supple.callbacks.decorrelation import LoraDecorrelation
@@ -475,6 +490,24 @@ def own_times(args, base, hidden: int, reps: int) -> dict[str, float]:
     decor = LoraDecorrelation(DECOR_WEIGHT, DECOR_WEIGHT)
     decor.setup(model, bases)
     out["decorrelation_add_gradients"] = time_fn(decor.add_gradients, reps)
+    if "pipeline" in args.config_list:  # one replay forward/backward, as the callback runs it on replay steps
+        from supple import SuppleConfig
+        from supple.callbacks.replay import ReplayTerm
+        from supple.data import load_replay_items
+
+        rc = SuppleConfig(**pipeline_settings())
+        replay = ReplayTerm(load_replay_items(rc.replay_data), rc.replay_weight, rc.replay_every,
+                            rc.replay_batch_size, args.seed)
+        replay.setup(tok, args.seq)
+        calls = [0]
+
+        def replay_step():
+            calls[0] += 1
+            replay.step(model, calls[0] * replay.every, 1.0)
+            model.zero_grad(set_to_none=True)
+
+        out["replay_step"] = time_fn(replay_step, max(3, reps // 8))
+        out["_replay_every"] = float(replay.every)
     out["_num_lora_modules"] = float(len(refs))
     out["_bases_bytes"] = float(sum(u.numel() * u.element_size() for _, u in stacks))
     return out
@@ -492,6 +525,8 @@ def parse_args(argv=None):
                    help="steps at the start of each block left out of the ratios (model switch); tiny 1, embedded 0")
     p.add_argument("--mem-steps", type=int, default=1, help="profiled steps per config for peak memory (0 = skip)")
     p.add_argument("--own-reps", type=int, default=None, help="repetitions of each own-time measurement")
+    p.add_argument("--pipeline", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a SuppleConfig field of the `pipeline` config (default: the demo's supple arm)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence (every sequence is full)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (targets q,k,v,o)")
@@ -509,6 +544,9 @@ def parse_args(argv=None):
     ):
         if getattr(args, name) is None:
             setattr(args, name, tiny_default if tiny else emb_default)
+    from supple.testbed.cli import _key_value
+
+    PIPELINE_OVERRIDES.update(dict(_key_value(kv) for kv in args.pipeline))
     args.config_list = [c.strip() for c in args.configs.split(",") if c.strip()]
     bad = [c for c in args.config_list if c not in ALL_CONFIGS]
     if bad:
@@ -562,7 +600,7 @@ def main(argv=None) -> int:
         peaks[name] = max(gate.peaks) if gate.peaks else -1
         bases_bytes[name] = sum(u.numel() * u.element_size() for u in bases.values()) if bases else 0
     log("own-time measurements")
-    own = own_times(args, base, hidden, args.own_reps)
+    own = own_times(args, base, tok, hidden, args.own_reps)
 
     def flat(name: str) -> list[float]:
         return [s for rep in times[name].values() for j, s in rep.items() if j >= args.skip_first]
@@ -584,6 +622,9 @@ def main(argv=None) -> int:
         "all": own["diversity_tap_path"] + own["decorrelation_add_gradients"]
         + own["metrics_per_firing"] / METRICS_EVERY,
     }
+    if "replay_step" in own:  # replay is amortized over replay_every steps
+        own_step["pipeline"] = (own["diversity_tap_path"] + own["decorrelation_add_gradients"]
+                                + own["replay_step"] / own["_replay_every"])
     own_core = {  # the penalty functions alone, as the brief of the benchmark asks
         "baseline": 0.0,
         "control": 0.0,
@@ -592,6 +633,9 @@ def main(argv=None) -> int:
         "metrics": own["metrics_per_firing"] / METRICS_EVERY,
         "all": own["ipr_reference"] + own["lora_penalties_fwd_bwd"] + own["metrics_per_firing"] / METRICS_EVERY,
     }
+    if "replay_step" in own:
+        own_core["pipeline"] = (own["ipr_reference"] + own["lora_penalties_fwd_bwd"]
+                                + own["replay_step"] / own["_replay_every"])
     date = _dt.date.today().isoformat()
     rows = []
     for name in names:
@@ -653,6 +697,8 @@ def main(argv=None) -> int:
           f"(training {train_s:.0f} s)")
     print("command: python " + " ".join(sys.argv if argv is None else ["benchmarks/overhead.py", *argv]))
     print(f"LoRA modules: {int(own['_num_lora_modules'])}; ipr on {min(1024, args.batch * args.seq)} x {hidden}")
+    if "pipeline" in names:
+        print(f"pipeline = SuppleConfig({', '.join(f'{k}={v!r}' for k, v in pipeline_settings().items())})")
     hdr = (f"{'config':<14}{'A/B ratio':>10}{'IQR':>17}{'95% CI (median)':>19}{'mean ratio':>11}"
            f"{'own/step':>10}{'penalty/step':>13}{'target':>8}{'peak mem':>10}{'mem ratio':>10}")
     print(hdr)

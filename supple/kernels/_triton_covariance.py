@@ -59,9 +59,9 @@ at 989 TFLOP/s dense bf16 and 3.35 TB/s:
 
 (nb = 32 tiles per side: the triangular grid computes 528 of 1024 tiles.) fp32 input moves 33.6 MB
 more per read of H and runs its dots as 3xTF32: ≈ 3 × 208 GFLOP at 494 TFLOP/s ≈ 1.3 ms. The torch
-reference at this size materializes Z, Zc (67 MB each), the n×n Gram and the n×d product in fp32 and
-runs 2 × 137 GFLOP of fp32 GEMMs: ≥ 4.1 ms at the 67 TFLOP/s fp32 peak (≥ 0.56 ms with TF32
-allowed). Expect the fused path to reach perhaps 50–70 % of its roofline: operands are computed in
+reference at this size materializes Zc (67 MB), the n×n Gram and the gradient in fp32 and runs
+≈ 0.8 × 2 × 137 GFLOP of fp32 GEMMs (the Gram product by upper blocks): ≥ 3.3 ms at the 67 TFLOP/s
+fp32 peak (≥ 0.45 ms with TF32 allowed). Expect the fused path to reach perhaps 50–70 % of its roofline: operands are computed in
 registers (normalize, centre, shift, round) before each MMA instead of being streamed by TMA. For
 n > d the roles swap (m = d): cost ≈ 3·n·d² FLOPs, and the gram kernel's parallelism is
 (d/BLOCK_M)²/2 tiles each looping over n (no split-K: for d = 576 that kernel runs ~45 programs on
