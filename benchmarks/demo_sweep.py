@@ -8,8 +8,8 @@ Usage::
 
 Each setting is one ``supple demo --arms supple --supple FIELD=VALUE ...`` run (plus one ``--arms baseline``
 run), all with the same stages, budget and training seeds, in a subprocess each. Varied one at a time around
-the demo's supple-arm defaults (``supple.testbed.pipeline.SUPPLE_ARM_DEFAULTS``): the diversity weight, the
-LoRA decorrelation weights, replay on/off and its rate. Collected after the last stage (mean ± std over
+the demo's supple-arm defaults (``supple.testbed.pipeline.SUPPLE_ARM_DEFAULTS``, moved with ``--base``): the
+diversity weight, the LoRA decorrelation weights, replay on/off, its rate and weight. Collected after the last stage (mean ± std over
 seeds): plasticity probe (final loss, improvement), first-task accuracy (forgetting), last-task accuracy, the
 out-of-domain family, ECE, last-block effective rank, training seconds of all stages (cost; wall time on a
 shared machine, so only a rough ratio) and the DPO stage's arithmetic accuracy.
@@ -33,7 +33,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> --supple overrides (on top of SUPPLE_ARM_DEFAULTS); None = the baseline arm
+# name -> --supple overrides (on top of SUPPLE_ARM_DEFAULTS and --base); None = the baseline arm
 SETTINGS: dict[str, list[str] | None] = {
     "baseline": None,
     "defaults": [],
@@ -41,9 +41,10 @@ SETTINGS: dict[str, list[str] | None] = {
     "diversity-10": ["diversity_weight=10"],
     "decorrelation-0.1": ["decorrelation_weight=0.1", "decorrelation_cross_weight=0.1"],
     "decorrelation-10": ["decorrelation_weight=10", "decorrelation_cross_weight=10"],
-    "replay-every-16": ["replay_every=16"],
     "no-replay": ["replay_data=None"],
-    # cheaper replay (one sequence every 8 steps: ~1/32 of the training tokens), at the default and a higher weight
+    # replay rates: RxB = B sequences every R steps (the demo's default is 1 every 8; it was 4 every 4)
+    "replay-4x4": ["replay_every=4", "replay_batch_size=4"],
+    "replay-16x4": ["replay_every=16", "replay_batch_size=4"],
     "replay-8x1": ["replay_every=8", "replay_batch_size=1"],
     "replay-8x1-w0.5": ["replay_every=8", "replay_batch_size=1", "replay_weight=0.5"],
 }
@@ -70,7 +71,7 @@ def run_setting(name: str, overrides: list[str] | None, args, workdir: Path) -> 
         cmd.append("--quick")
     elif args.budget == "full":
         cmd.append("--full")
-    for o in overrides or []:
+    for o in ([*args.base, *overrides] if overrides is not None else []):
         cmd += ["--supple", o]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     t0 = time.perf_counter()
@@ -80,7 +81,8 @@ def run_setting(name: str, overrides: list[str] | None, args, workdir: Path) -> 
     res = json.loads((out / "results.json").read_text())
     arm = "baseline" if overrides is None else "supple"
     summary = [s for s in res["summary"] if s["arm"] == arm]
-    row: dict = {"setting": name, "overrides": " ".join(overrides or []) or ("-" if overrides is None else "(defaults)")}
+    given = [*args.base, *overrides] if overrides is not None else None
+    row: dict = {"setting": name, "overrides": " ".join(given or []) or ("-" if given is None else "(defaults)")}
     for col, key, idx in COLUMNS:
         m = summary[idx]["metrics"].get(key)
         row[col] = m["mean"] if m else float("nan")
@@ -101,6 +103,9 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="comma-separated setting names (default: all)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--tag", default="")
+    p.add_argument("--base", action="append", default=[], metavar="FIELD=VALUE",
+                   help="centre of the sweep: overrides applied to every supple setting before its own "
+                        "(e.g. --base replay_every=4 --base replay_batch_size=4 reproduces the first quick sweep)")
     p.add_argument("--keep", type=Path, default=None,
                    help="keep every setting's demo output (results.json, plots) under this directory")
     args = p.parse_args(argv)
