@@ -62,6 +62,21 @@ COLUMNS = [
 ]
 
 
+def collect_row(name: str, given: list[str] | None, results_json: Path, seeds: int) -> dict:
+    """One CSV row from a demo run's results.json (``given``: the supple overrides, None for the baseline)."""
+    res = json.loads(Path(results_json).read_text())
+    arm = "baseline" if given is None else "supple"
+    summary = [s for s in res["summary"] if s["arm"] == arm]
+    row: dict = {"setting": name, "overrides": " ".join(given or []) or ("-" if given is None else "(defaults)")}
+    for col, key, idx in COLUMNS:
+        m = summary[idx]["metrics"].get(key)
+        row[col] = m["mean"] if m else float("nan")
+        row[col + "_std"] = m["std"] if m else float("nan")
+    train = [r["train"]["wall_s"] for r in res["records"] if r.get("train") and r["arm"] == arm and "wall_s" in r["train"]]
+    row["train_s_per_seed"] = sum(train) / max(1, seeds)
+    return row
+
+
 def run_setting(name: str, overrides: list[str] | None, args, workdir: Path) -> dict:
     out = workdir / name
     cmd = [sys.executable, "-m", "supple.cli", "demo", "--model", args.model, "--arms",
@@ -78,17 +93,8 @@ def run_setting(name: str, overrides: list[str] | None, args, workdir: Path) -> 
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"setting {name!r} failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
-    res = json.loads((out / "results.json").read_text())
-    arm = "baseline" if overrides is None else "supple"
-    summary = [s for s in res["summary"] if s["arm"] == arm]
     given = [*args.base, *overrides] if overrides is not None else None
-    row: dict = {"setting": name, "overrides": " ".join(given or []) or ("-" if given is None else "(defaults)")}
-    for col, key, idx in COLUMNS:
-        m = summary[idx]["metrics"].get(key)
-        row[col] = m["mean"] if m else float("nan")
-        row[col + "_std"] = m["std"] if m else float("nan")
-    train = [r["train"]["wall_s"] for r in res["records"] if r.get("train") and r["arm"] == arm and "wall_s" in r["train"]]
-    row["train_s_per_seed"] = sum(train) / max(1, args.seeds)
+    row = collect_row(name, given, out / "results.json", args.seeds)
     row["wall_s"] = time.perf_counter() - t0
     row["command"] = "supple demo " + " ".join(cmd[4:])
     return row
@@ -105,7 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="")
     p.add_argument("--base", action="append", default=[], metavar="FIELD=VALUE",
                    help="centre of the sweep: overrides applied to every supple setting before its own "
-                        "(e.g. --base replay_every=4 --base replay_batch_size=4 reproduces the first quick sweep)")
+                        "(--base replay_every=4 --base replay_batch_size=4 --base replay_weight=0.1 reproduces the "
+                        "README's sweep, whose centre was the earlier defaults)")
     p.add_argument("--keep", type=Path, default=None,
                    help="keep every setting's demo output (results.json, plots) under this directory")
     args = p.parse_args(argv)
