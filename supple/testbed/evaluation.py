@@ -1,0 +1,222 @@
+"""Measurements after every stage: geometry on general text, task accuracy / answer loss / ECE per family,
+and the plasticity probe."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import tasks as T
+from .settings import (
+    Budget,
+)
+
+
+# ------------------------------------------------------------------------------------------------ models
+def load_testbed_model(spec: str):
+    """``(model, tokenizer, name)`` for ``embedded``, ``tiny`` or a local Hugging Face model directory."""
+    if spec == "tiny":
+        from .tiny import make_tiny_model
+
+        model, tok = make_tiny_model()
+        return model, tok, "tiny"
+    if spec == "embedded":
+        from .embedded import load_embedded_model
+
+        model, tok = load_embedded_model()
+        return model, tok, "SmolLM2-135M-Instruct"
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.isdir(spec):
+        raise FileNotFoundError(f"--model {spec!r} is neither 'embedded', 'tiny' nor a local model directory")
+    tok = AutoTokenizer.from_pretrained(spec)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        from .tiny import CHAT_TEMPLATE
+
+        tok.chat_template = CHAT_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
+    return model, tok, os.path.basename(os.path.normpath(spec))
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+def probe_texts(family: str, n_train: int, n_eval: int, seed: int) -> tuple[list[str], list[str]]:
+    """Plain-text items "QUESTION\\nAnswer: ANSWER" of the probe family (held-out eval, seeded train)."""
+    fam = T.get_family(family)
+
+    def fmt(ex):
+        return f"{ex.question}\nAnswer: {ex.answer}"
+
+    return [fmt(e) for e in fam.train_examples(n_train, seed, split="probe")], [fmt(e) for e in fam.eval_examples(n_eval)]
+
+
+def _render(tok, msgs, add_generation_prompt: bool) -> str:
+    return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _encode(tok, text: str) -> list[int]:
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def task_metrics(model, tok, family: str, n: int, batch_size: int = 16, max_length: int = 128) -> dict:
+    """Held-out accuracy (greedy generation, checked), answer-token loss and ECE (teacher-forced) of a family."""
+    import torch
+    from transformers import GenerationConfig
+
+    from supple.measure.calibration import expected_calibration_error, next_token_stats
+
+    fam = T.get_family(family)
+    examples = fam.eval_examples(n)
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    prompts = [_render(tok, T.prompt_messages(ex), True) for ex in examples]
+    fulls = [
+        _render(tok, [*T.prompt_messages(ex), {"role": "assistant", "content": ex.answer}], False) for ex in examples
+    ]
+    was_training = model.training
+    model.eval()
+    conf, corr, nll = [], [], []
+    outputs: list[str] = []
+    try:
+        with torch.inference_mode():
+            # teacher-forced answer tokens
+            seqs = []
+            for p, f in zip(prompts, fulls):
+                p_ids, f_ids = _encode(tok, p), _encode(tok, f)
+                if f_ids[: len(p_ids)] != p_ids:  # template does not extend the prompt: tokenize the answer alone
+                    f_ids = p_ids + _encode(tok, f[len(p) :] if f.startswith(p) else "")
+                seqs.append((f_ids[:max_length], min(len(p_ids), max_length)))
+            for i in range(0, len(seqs), batch_size):
+                chunk = seqs[i : i + batch_size]
+                width = max(len(s) for s, _ in chunk)
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                tgt_mask = torch.zeros_like(ids, dtype=torch.bool)
+                for j, (s, plen) in enumerate(chunk):
+                    ids[j, : len(s)] = torch.tensor(s)
+                    mask[j, : len(s)] = 1
+                    tgt_mask[j, plen : len(s)] = True
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                pos = tgt_mask[:, 1:].to(device)  # predicting token t+1 from position t
+                st = next_token_stats(logits[:, :-1][pos], ids[:, 1:].to(device)[pos])
+                conf.append(st["confidence"].cpu())
+                corr.append(st["correct"].cpu())
+                nll.append(st["nll"].cpu())
+            # greedy generation, checked
+            gen_cfg = GenerationConfig(
+                max_new_tokens=fam.max_new_tokens, do_sample=False, pad_token_id=pad,
+                eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+            )
+            side = tok.padding_side
+            tok.padding_side = "left"
+            try:
+                for i in range(0, len(prompts), batch_size):
+                    enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+                    enc = {k: v.to(device) for k, v in enc.items()}
+                    out = model.generate(**enc, generation_config=gen_cfg)
+                    new = out[:, enc["input_ids"].shape[1] :]
+                    outputs += tok.batch_decode(new, skip_special_tokens=True)
+            finally:
+                tok.padding_side = side
+    finally:
+        model.train(was_training)
+    correct = [fam.check_answer(ex, o) for ex, o in zip(examples, outputs)]
+    conf_t, corr_t, nll_t = torch.cat(conf), torch.cat(corr), torch.cat(nll)
+    return {
+        "family": family,
+        "n": len(examples),
+        "acc": sum(correct) / max(len(correct), 1),
+        "answer_ce": float(nll_t.double().mean()) if nll_t.numel() else float("nan"),
+        "token_acc": float(corr_t.double().mean()) if corr_t.numel() else float("nan"),
+        "ece": float(expected_calibration_error(conf_t, corr_t)),
+        "examples": [{"q": ex.question, "gold": ex.answer, "out": o} for ex, o in list(zip(examples, outputs))[:3]],
+        "_conf": conf_t,
+        "_corr": corr_t,
+    }
+
+
+_GEOMETRY_KEYS = {
+    # table key: (metric, tokens, space)
+    "erank": ("erank", "no_sink", "raw"),
+    "anisotropy": ("anisotropy", "no_sink", "raw"),
+    "erank_unit": ("erank", "no_sink", "unit"),
+    "anisotropy_unit": ("anisotropy", "no_sink", "unit"),
+    "participation_ratio": ("participation_ratio", "no_sink", "raw"),
+    "participation_ratio_unit": ("participation_ratio", "no_sink", "unit"),
+    "erank_all": ("erank", "all", "raw"),
+    "top_pc_share": ("top_pc_share", "no_sink", "raw"),
+}
+
+
+def geometry_metrics(model, tok, texts: Sequence[str], max_tokens: int, max_length: int, name: str) -> dict:
+    """Last-block geometry (supple.measure) on general text, and the next-token loss there."""
+    from supple.measure.core import collect, geometry_records, logits_records
+
+    run = collect(
+        model, tok, texts, name=name, max_tokens=max_tokens, max_length=max_length, layers=[-1],
+        logit_lens=False, progress=False,
+    )
+    rows = geometry_records(run) + logits_records(run)
+    out: dict[str, Any] = {"layer": run.layers[0], "n_tokens": int(run.first.numel())}
+    for key, (metric, tokens, space) in _GEOMETRY_KEYS.items():
+        for r in rows:
+            if r["group"] == "geometry" and r["metric"] == metric and r["tokens"] == tokens and r["space"] == space:
+                out[key] = r["value"]
+    for r in rows:
+        if r["group"] == "logits" and r["metric"] in ("nll", "ece"):
+            out[f"general_{r['metric']}"] = r["value"]
+    out["records"] = rows
+    return out
+
+
+@dataclass
+class EvalPlan:
+    families: list[str]  # in-domain families (every stage's), then the OOD family last
+    ood: str
+    probe_family: str
+    geometry_texts: list[str]
+
+
+def evaluate(model, tok, plan: EvalPlan, budget: Budget, seed: int, name: str, parts=("geometry", "tasks", "probe"),
+             tick: Callable[[int], None] | None = None) -> dict:
+    """Measure one model (see the module doc). ``parts`` selects what to run; ``tick(n)`` reports progress."""
+    import torch
+
+    from supple.measure.calibration import expected_calibration_error
+    from supple.measure.probe import plasticity_probe
+
+    tick = tick or (lambda n: None)
+    out: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    if "geometry" in parts:
+        out["geometry"] = geometry_metrics(model, tok, plan.geometry_texts, budget.geometry_tokens, 256, name)
+        tick(1)
+    if "tasks" in parts:
+        tasks, confs, corrs = {}, [], []
+        for fam in plan.families:
+            m = task_metrics(model, tok, fam, budget.n_eval, budget.eval_batch, budget.max_length)
+            c, k = m.pop("_conf"), m.pop("_corr")
+            if fam != plan.ood:
+                confs.append(c)
+                corrs.append(k)
+            tasks[fam] = m
+            tick(1)
+        out["tasks"] = tasks
+        out["ece"] = float(expected_calibration_error(torch.cat(confs), torch.cat(corrs))) if confs else float("nan")
+    if "probe" in parts:
+        train, held = probe_texts(plan.probe_family, budget.probe_steps * budget.probe_batch, budget.probe_eval, seed)
+        res = plasticity_probe(
+            model, tok, train, held, steps=budget.probe_steps, lr=budget.probe_lr, rank=budget.probe_rank,
+            alpha=2.0 * budget.probe_rank, batch_size=budget.probe_batch, seed=seed,
+            eval_every=budget.probe_eval_every, name=name, progress=False,
+        )
+        out["probe"] = {k: res[k] for k in ("start_loss", "final_loss", "improvement", "relative_improvement",
+                                            "area", "train_area", "eval_steps", "eval_loss", "train_loss")}
+        tick(budget.probe_steps)
+    out["eval_s"] = time.perf_counter() - t0
+    return out
