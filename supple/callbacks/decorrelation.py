@@ -9,6 +9,7 @@ optimizer step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -110,25 +111,31 @@ class LoraDecorrelation:
 
         Returns (mean intra, mean cross or None, applied). A non-finite gradient is not applied.
         """
-        stacks, total = [], None
-        intra_sum = torch.zeros(())
-        cross_sum = torch.zeros(())
+        stacks, total, intra_sums, cross_sums = [], None, [], []
         with torch.enable_grad():
             for g in self.groups:
                 stack = g.stacked().requires_grad_(True)
                 intra, cross = lora_penalties(stack, g.bases)
                 term = self.intra_weight * intra.sum() / self.num_modules
-                intra_sum = intra_sum + intra.detach().sum().cpu()
+                intra_sums.append(intra.detach().sum())
                 if cross is not None and self.cross_weight > 0:
                     masked = cross * g.has_basis.to(cross.device)
                     term = term + self.cross_weight * masked.sum() / max(self.num_with_basis, 1)
-                    cross_sum = cross_sum + masked.detach().sum().cpu()
+                    cross_sums.append(masked.detach().sum())
                 total = term if total is None else total + term.to(total.device)
                 stacks.append(stack)
             grads = torch.autograd.grad(total, stacks)  # one (M, r, d_in) gradient per group
-        # One device-to-host sync for all modules. A sum is non-finite iff some element is (barring overflow of
-        # ~1e38 sums): one read of each gradient, where torch.isfinite(x).all() makes four full-size passes.
-        finite = bool(torch.isfinite(torch.stack([gr.sum(dtype=torch.float32) for gr in grads])).all()) if grads else True
+        # One device-to-host copy for the logged values and the finiteness check of all modules. A sum is
+        # non-finite iff some element is (barring overflow of ~1e38 sums): one read of each gradient, where
+        # torch.isfinite(x).all() makes four full-size passes.
+        dev = total.device
+        stats = torch.stack([
+            torch.stack([x.to(dev) for x in intra_sums]).sum(),
+            torch.stack([x.to(dev) for x in cross_sums]).sum() if cross_sums else torch.zeros((), device=dev),
+            torch.stack([gr.sum(dtype=torch.float32).to(dev) for gr in grads]).sum(),
+        ]).cpu()
+        intra_total, cross_total, grad_total = (float(v) for v in stats)
+        finite = math.isfinite(grad_total)
         if finite:
             for g, gr in zip(self.groups, grads):
                 rows = list(gr.unbind(0))
@@ -140,6 +147,6 @@ class LoraDecorrelation:
                 if without:  # fresh tensors: a view into the shared gradient would tie the modules' .grad together
                     for i, new in zip(without, torch._foreach_mul([rows[i] for i in without], scale)):
                         g.params[i].grad = new
-        intra_mean = float(intra_sum) / self.num_modules
-        cross_mean = float(cross_sum) / self.num_with_basis if self.num_with_basis else None
+        intra_mean = intra_total / self.num_modules
+        cross_mean = cross_total / self.num_with_basis if self.num_with_basis else None
         return intra_mean, cross_mean, finite

@@ -52,9 +52,8 @@ class _OrthogonalityTorch(torch.autograd.Function):
         af = a.float()
         uf = u.float() if u is not None else None
         gram = torch.bmm(af, af.transpose(1, 2))  # (M, r, r)
-        sq = torch.diagonal(gram, dim1=1, dim2=2)
-        nu = sq.clamp_min(0).sqrt().clamp_min(NORM_EPS)  # (M, r)
-        inv = nu.reciprocal()
+        raw = torch.diagonal(gram, dim1=1, dim2=2).clamp_min(0).sqrt()  # (M, r) row norms
+        inv = raw.clamp_min(NORM_EPS).reciprocal()
         ghat = gram * inv.unsqueeze(2) * inv.unsqueeze(1)
         if r > 1:
             off = ghat.clone()
@@ -67,7 +66,7 @@ class _OrthogonalityTorch(torch.autograd.Function):
         if uf is not None:
             q = torch.bmm(af, uf) * inv.unsqueeze(2)  # (M, r, k)
             cross = (q * q).sum(dim=(1, 2)) / r
-        ctx.save_for_backward(a, u, off, q, inv, (sq.sqrt() >= NORM_EPS))
+        ctx.save_for_backward(a, u, off, q, inv, raw >= NORM_EPS)
         ctx.r = r
         return intra, cross
 
@@ -87,7 +86,7 @@ class _OrthogonalityTorch(torch.autograd.Function):
             c_c = (g_cross.float() * (2.0 / r)).view(-1, 1, 1)
             rho = rho + c_c.view(-1, 1) * (q * q).sum(dim=2)
             vq = c_c * q * inv.unsqueeze(2)  # diag(c_c/ν)·Q
-        w = w - torch.diag_embed(rho * live)
+        w.diagonal(dim1=1, dim2=2).sub_(rho * live)
         w = w * inv.unsqueeze(2) * inv.unsqueeze(1)
         grad_a = torch.bmm(w, af)
         if vq is not None:
