@@ -1,13 +1,17 @@
 """Next-token prediction metrics from logits: entropy, confidence, calibration (ECE, Brier). Pure torch.
 
-torchmetrics is not a dependency, so the 15-bin ECE is implemented here (equal-width confidence bins,
-as torchmetrics' ``MulticlassCalibrationError(norm="l1")``):
+torchmetrics is not a dependency, so the 15-bin ECE is implemented here with torchmetrics' binning
+(``MulticlassCalibrationError(n_bins=B, norm="l1")``, which bins with ``torch.bucketize(..., right=True)``):
 
     ECE = Σ_b (n_b / N) · |accuracy_b − mean confidence_b|
 
-with confidence the top-1 probability, a position in bin b when confidence ∈ (b/B, (b+1)/B] (bin 0
-also takes confidence 0). The Brier score is the multi-class one, Σ_k (p_k − y_k)² averaged over
-positions, in [0, 2].
+with confidence the top-1 probability and B + 1 bins: a position is in bin b (0 ≤ b < B) when
+b/B ≤ confidence < (b+1)/B, and a confidence of exactly 1.0 is in a bin of its own (bin B). Empty
+bins count 0. Confidences are compared in float64 with the edges b/B computed in float64 (correctly
+rounded); torchmetrics takes its edges from ``torch.linspace(0, 1, B + 1)`` in the confidences' dtype,
+which can differ from b/B in the last bit, so only a confidence within one rounding step of an edge can
+land in the neighbouring bin there. The Brier score is the multi-class one, Σ_k (p_k − y_k)² averaged
+over positions, in [0, 2].
 """
 
 from __future__ import annotations
@@ -20,15 +24,20 @@ __all__ = ["brier_score", "expected_calibration_error", "next_token_stats"]
 def expected_calibration_error(
     confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = 15
 ) -> torch.Tensor:
-    """ECE of top-1 predictions: ``confidence`` (N,) in [0, 1], ``correct`` (N,) bool/0-1; 0-d fp64."""
+    """ECE of top-1 predictions with torchmetrics' bins (module docstring): ``confidence`` (N,) in [0, 1],
+    ``correct`` (N,) bool/0-1; 0-d fp64 (NaN for no predictions)."""
     conf = confidence.detach().reshape(-1).double()
     acc = correct.detach().reshape(-1).double()
     if conf.numel() != acc.numel():
         raise ValueError(f"confidence and correct differ in length: {conf.numel()} vs {acc.numel()}")
     if conf.numel() == 0:
         return torch.full((), float("nan"), dtype=torch.float64)
-    bins = (torch.ceil(conf.clamp(0, 1) * n_bins).long() - 1).clamp(0, n_bins - 1)
-    count = torch.zeros(n_bins, dtype=torch.float64, device=conf.device).index_add_(
+    if n_bins < 1:
+        raise ValueError(f"n_bins={n_bins} must be >= 1")
+    conf = conf.clamp(0, 1)
+    edges = torch.arange(n_bins + 1, dtype=torch.float64, device=conf.device) / n_bins
+    bins = torch.bucketize(conf, edges, right=True) - 1  # edges[b] <= c < edges[b+1]; c = 1.0 -> bin B
+    count = torch.zeros(n_bins + 1, dtype=torch.float64, device=conf.device).index_add_(
         0, bins, torch.ones_like(conf)
     )
     sum_conf = torch.zeros_like(count).index_add_(0, bins, conf)

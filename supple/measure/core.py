@@ -47,6 +47,7 @@ RECORD_FIELDS = (
 GEOMETRY_METRICS = (
     "erank",
     "erank_ratio",
+    "rankme",
     "participation_ratio",
     "pr_ratio",
     "top_pc_share",

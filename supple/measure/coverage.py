@@ -5,13 +5,19 @@ Optimization"), whose formula is not public in text form. We use the *coverage* 
 ("Reliable Fidelity and Diversity Metrics for Generative Models"), with the training set in the role
 of the generated samples and the target set in the role of the real ones:
 
-    coverage = (1/M) Σ_j 1[ ∃ i : ‖x_i − y_j‖ ≤ NND_k(y_j) ]
+    coverage = (1/M) Σ_j 1[ min_i ‖x_i − y_j‖ < NND_k(y_j) ]
 
 where y_1..y_M are the target embeddings, x_1..x_N the training embeddings, and NND_k(y_j) is the
 distance from y_j to its k-th nearest neighbour among the *other* target points (default k = 5, as
 recommended by Naeem et al.). It is the fraction of target points whose k-NN ball holds at least one
 training point: it depends on which regions the training set reaches, not on how many samples sit in
 them — duplicating a training set leaves it unchanged, a set against itself has coverage 1.
+
+Ties follow the authors' public implementation (``prdc``): the inequality is strict, so a training
+point lying exactly on the ball's boundary does not cover it. That matters in practice: a text shared by
+the training and target sets embeds to a bitwise-identical vector, so a training copy of y_j's k-th
+neighbour sits exactly at distance NND_k(y_j). Distances are computed in float64, pair by pair (no
+‖x‖² + ‖y‖² − 2x·y shortcut), so identical vectors give identical distances and ties are exact.
 
 Embeddings are mean-pooled (over non-padding tokens) hidden states of one decoder block of a causal LM
 (the embedded SmolLM2-135M-Instruct by default), unit-normalized. We also report the effective rank of
@@ -32,7 +38,8 @@ DEFAULT_K = 5
 
 
 def coverage_from_embeddings(train: torch.Tensor, target: torch.Tensor, k: int = DEFAULT_K) -> float:
-    """Naeem et al. coverage of ``target`` (M × d) by ``train`` (N × d), with k-NN radii from the target set."""
+    """Naeem et al. coverage of ``target`` (M × d) by ``train`` (N × d), with k-NN radii from the target set:
+    the fraction of target points with a training point strictly inside their k-NN ball (ties: not covered)."""
     if train.dim() != 2 or target.dim() != 2 or train.shape[1] != target.shape[1]:
         raise ValueError(f"expected (N, d) and (M, d) embeddings, got {tuple(train.shape)} and {tuple(target.shape)}")
     m = target.shape[0]
@@ -42,12 +49,12 @@ def coverage_from_embeddings(train: torch.Tensor, target: torch.Tensor, k: int =
         return 0.0
     y = target.double()
     x = train.double()
-    d_yy = torch.cdist(y, y)
+    exact = "donot_use_mm_for_euclid_dist"  # pairwise differences: equal vectors give equal distances
+    d_yy = torch.cdist(y, y, compute_mode=exact)
     d_yy.fill_diagonal_(float("inf"))  # the k-th neighbour among the *other* target points
     radius = d_yy.kthvalue(k, dim=1).values
-    d_xy = torch.cdist(y, x).min(dim=1).values
-    tol = 1e-9 * radius.clamp_min(1.0)
-    return float((d_xy <= radius + tol).double().mean())
+    d_xy = torch.cdist(y, x, compute_mode=exact).min(dim=1).values
+    return float((d_xy < radius).double().mean())  # strict, as prdc: a point on the boundary is outside
 
 
 @torch.no_grad()

@@ -1,20 +1,37 @@
 """Geometry of token representations and of LoRA updates: pure torch measurement functions.
 
-No transformers here. Every function takes plain tensors, accumulates in fp32 at least (pass
-``dtype=torch.float64`` for offline measurement, as :mod:`supple.measure` does) and returns 0-d
-tensors (no host sync), so the callback's live monitoring can call them every N steps.
+No transformers here. Every function takes plain tensors, accumulates in fp32 at least (spectra always
+in float64, see below; ``dtype=torch.float64`` makes the rest float64 too, as :mod:`supple.measure`
+does) and returns 0-d tensors (no host sync), so the callback's live monitoring can call them every N
+steps.
 
 Token matrices: H is (n tokens, d features). With ``normalize_tokens=True`` each row is first scaled
 to unit length, Z = H / max(‖h_i‖, 1e-6) (the cosine geometry the ipr penalty acts on, blind to
 "massive activations"); otherwise Z = H. Zc = Z − column mean. The covariance spectrum is
-λ_1 ≥ … ≥ λ_m ≥ 0, the squared singular values σ_i² of Zc, computed from the Gram matrix on the
-smaller side (ZcZcᵀ, n×n, when n < d; ZcᵀZc, d×d, otherwise): the two share their non-zero
-eigenvalues. Eigenvalues below ``max(n, d)·eps(dtype)·λ_1`` (the rounding floor of the Gram matrix)
-are set to 0, so rank-deficient data reads as such.
+λ_1 ≥ … ≥ λ_m ≥ 0 (m = min(n, d)), the squared singular values σ_i² of Zc, computed from the Gram
+matrix on the smaller side (ZcZcᵀ, n×n, when n < d; ZcᵀZc, d×d, otherwise): the two share their
+non-zero eigenvalues.
 
-- ``effective_rank``: exp of the Shannon entropy of p_i = σ_i / Σσ_j (singular values of Zc, not
-  their squares; Roy & Vetterli 2007, RankMe of Garrido et al. 2023). In [1, min(n−1, d)]:
-  1 for rank-1 data, ≈ d for isotropic data with n ≫ d.
+Spectra are always computed in float64, whatever ``dtype`` (which sets the precision of the other
+metrics and of the returned values): the normalization, centering, Gram matrix and eigendecomposition
+run on a float64 copy of H. A float32 Gram resolves eigenvalues only down to about max(n, d)·eps₃₂·λ_1
+≈ 7·10⁻⁵·λ_1 at n, d ≈ 576, and one attention-sink token makes λ_1 hundreds of times the typical
+eigenvalue, so in float32 most of a real spectrum falls under that floor (an earlier float32 version
+read 2.2 instead of 46 for a power-law spectrum, n = 512, d = 576, with one token at 300× the median
+norm; ``tests/test_definitions.py`` checks these cases against float64). In float64 eigenvalues
+below the Gram's rounding floor max(n, d)·eps₆₄·λ_1 are set to 0, so exactly rank-deficient data
+reads as such (float32 rounding of the data adds singular values near 10⁻⁷·σ_1, which move the
+effective rank by less than 10⁻⁴ relative).
+
+- ``effective_rank`` (the definition supple reports as ``erank``): the Roy & Vetterli (2007)
+  effective rank of the *centered* matrix, exp(−Σ_i p_i log p_i) with p_i = σ_i / Σ_j σ_j over the
+  singular values σ_i of Zc (not their squares; terms with p_i = 0 count 0). In [1, min(n−1, d)]:
+  1 for rank-1 data, ≈ d for isotropic data with n ≫ d. Centering makes it a property of the
+  spread of the tokens, blind to a common offset.
+- ``rankme``: RankMe of Garrido et al. (2023) exactly as published, on the *uncentered* matrix Z:
+  exp(−Σ_k p_k log p_k) with p_k = σ_k(Z) / Σ_j σ_j(Z) + ε (ε = 1e-7), over all min(n, d) singular
+  values. A common offset is one more (dominant) direction here, so on offset data the two differ
+  widely: compare numbers only under the same definition.
 - ``effective_rank_ratio``: ``effective_rank / min(n − 1, d)``, in (0, 1]. Centering removes one
   dimension, and with n ≤ d tokens the rank is at most n − 1: compare layers or models only through
   this ratio (or at equal n), a known pitfall of the unnormalized effective rank.
@@ -34,7 +51,7 @@ found through two thin QRs and an r×r SVD (never forming the d_out×d_in matrix
 Aᵀ = Q_A R_A, ΔW = Q_B (s R_B R_Aᵀ) Q_Aᵀ.
 
 - ``stable_rank`` = ‖ΔW‖²_F / σ_1² = Σσ² / σ_1², in [1, rank].
-- ``singular_value_stats``: stable rank, effective rank (as above, on σ) and ``top_share`` =
+- ``singular_value_stats``: stable rank, effective rank (Roy–Vetterli on the given σ) and ``top_share`` =
   σ_1 / Σσ (share of the nuclear norm; σ_1² / Σσ² would just be 1 / stable rank).
 - ``subspace_overlap``: mean squared cosine of the principal angles between two column spans,
   ‖Q_UᵀQ_V‖²_F / min(k_U, k_V), in [0, 1] (1: one span contains the other; 0: orthogonal).
@@ -57,6 +74,7 @@ __all__ = [
     "norm_stats",
     "participation_ratio",
     "principal_cosines",
+    "rankme",
     "singular_value_stats",
     "stable_rank",
     "subspace_overlap",
@@ -65,11 +83,15 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------- helpers
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+
+
 def _as_matrix(h: torch.Tensor, normalize_tokens: bool, dtype: torch.dtype) -> torch.Tensor:
     if h.dim() != 2:
         raise ValueError(f"expected a 2-D (tokens × features) tensor, got shape {tuple(h.shape)}")
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    _check_dtype(dtype)
     x = h.detach().to(dtype)
     if normalize_tokens:
         x = x / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
@@ -91,6 +113,24 @@ def _nan(like: torch.Tensor) -> torch.Tensor:
     return torch.full((), float("nan"), dtype=like.dtype, device=like.device)
 
 
+def _float64(h: torch.Tensor, normalize_tokens: bool) -> torch.Tensor:
+    """A float64 copy of the token matrix (MPS has no float64: computed on the CPU there)."""
+    if h.device.type == "mps":
+        h = h.cpu()
+    return _as_matrix(h, normalize_tokens, torch.float64)
+
+
+def _gram_spectrum(x: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues (descending, ≥ 0, length min(n, d)) of xᵀx for a float64 x, from the Gram matrix on
+    the smaller side; values under its rounding floor max(n, d)·eps₆₄·λ_1 are set to 0."""
+    n, d = x.shape
+    lam = torch.linalg.eigvalsh(_gram(x)).flip(0).clamp_min(0)
+    if lam.numel() == 0:
+        return lam
+    floor = max(n, d) * torch.finfo(torch.float64).eps * lam[0]
+    return torch.where(lam > floor, lam, torch.zeros_like(lam))
+
+
 def _entropy_rank(weights: torch.Tensor) -> torch.Tensor:
     """exp(entropy of weights / Σweights) for non-negative weights; NaN when they sum to 0."""
     total = weights.sum()
@@ -105,26 +145,45 @@ def covariance_spectrum(
     h: torch.Tensor, normalize_tokens: bool = False, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Eigenvalues λ (descending, ≥ 0, length min(n, d)) of ZcᵀZc, i.e. the squared singular values
-    of the centered token matrix; values under the Gram rounding floor are set to 0."""
-    xc = _centered(h, normalize_tokens, dtype)
-    n, d = xc.shape
-    lam = torch.linalg.eigvalsh(_gram(xc)).flip(0).clamp_min(0)
-    if lam.numel() == 0:
-        return lam
-    floor = max(n, d) * torch.finfo(dtype).eps * lam[0]
-    return torch.where(lam > floor, lam, torch.zeros_like(lam))
+    of the centered token matrix, computed in float64 (values under the float64 Gram rounding floor
+    set to 0) and returned in ``dtype``."""
+    _check_dtype(dtype)
+    x = _float64(h, normalize_tokens)
+    return _gram_spectrum(x - x.mean(dim=0, keepdim=True)).to(dtype).to(h.device)
 
 
 def effective_rank(
     h: torch.Tensor, normalize_tokens: bool = False, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """exp(entropy of σ_i / Σσ_j) of the centered token matrix (Roy & Vetterli); in [1, min(n−1, d)].
+    """Roy–Vetterli effective rank of the centered token matrix: exp(−Σ p_i log p_i), p_i = σ_i / Σσ_j
+    over the singular values of Zc; in [1, min(n−1, d)]. Spectrum in float64, result in ``dtype``.
 
     NaN with fewer than two distinct tokens. Compare across n or d only via
-    :func:`effective_rank_ratio`.
+    :func:`effective_rank_ratio`. For the uncentered RankMe of Garrido et al. use :func:`rankme`.
     """
-    lam = covariance_spectrum(h, normalize_tokens, dtype)
-    return _entropy_rank(lam.sqrt())
+    _check_dtype(dtype)
+    x = _float64(h, normalize_tokens)
+    lam = _gram_spectrum(x - x.mean(dim=0, keepdim=True))
+    return _entropy_rank(lam.sqrt()).to(dtype).to(h.device)
+
+
+def rankme(
+    h: torch.Tensor, normalize_tokens: bool = False, dtype: torch.dtype = torch.float32, eps: float = 1e-7
+) -> torch.Tensor:
+    """RankMe (Garrido et al. 2023) of the *uncentered* token matrix Z, as published:
+    exp(−Σ_k p_k log p_k) with p_k = σ_k(Z) / Σ_j σ_j(Z) + ``eps`` over all min(n, d) singular values.
+
+    Spectrum in float64 (singular values under the float64 Gram rounding floor count as 0), result in
+    ``dtype``; NaN for an all-zero matrix.
+    """
+    _check_dtype(dtype)
+    if eps < 0:
+        raise ValueError(f"rankme: eps={eps} must be >= 0 (RankMe uses 1e-7)")
+    sigma = _gram_spectrum(_float64(h, normalize_tokens)).sqrt()
+    total = sigma.sum()
+    p = sigma / total + eps
+    out = torch.exp(-(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum())
+    return torch.where(total > 0, out, _nan(out)).to(dtype).to(h.device)
 
 
 def effective_rank_ratio(
@@ -149,12 +208,15 @@ def participation_ratio(
 def top_pc_share(
     h: torch.Tensor, normalize_tokens: bool = False, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """λ_1 / Σλ: share of the token variance along the top principal component; in [1/min(n−1,d), 1]."""
-    lam = covariance_spectrum(h, normalize_tokens, dtype)
+    """λ_1 / Σλ: share of the token variance along the top principal component; in [1/min(n−1,d), 1].
+    Spectrum in float64, result in ``dtype``."""
+    _check_dtype(dtype)
+    x = _float64(h, normalize_tokens)
+    lam = _gram_spectrum(x - x.mean(dim=0, keepdim=True))
     if lam.numel() == 0:
-        return _nan(lam.new_zeros(()))
+        return _nan(h.new_zeros((), dtype=dtype))
     total = lam.sum()
-    return torch.where(total > 0, lam[0] / total, _nan(total))
+    return torch.where(total > 0, lam[0] / total, _nan(total)).to(dtype).to(h.device)
 
 
 def anisotropy(
@@ -239,32 +301,34 @@ def geometry_summary(
     num_pairs: int | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """All token-geometry metrics of ``h`` from one Gram matrix and one eigendecomposition:
-    ``erank``, ``erank_ratio``, ``participation_ratio``, ``pr_ratio`` (PR / min(n−1, d)),
-    ``top_pc_share``, ``anisotropy``, ``anisotropy_centered`` (0-d tensors, same definitions as the
-    single functions)."""
-    x = _as_matrix(h, normalize_tokens, dtype)
+    """All token-geometry metrics of ``h``, from one float64 copy, its centered Gram matrix and one
+    eigendecomposition (plus one of the uncentered Gram for ``rankme``): ``erank``, ``erank_ratio``,
+    ``rankme``, ``participation_ratio``, ``pr_ratio`` (PR / min(n−1, d)), ``top_pc_share``,
+    ``anisotropy``, ``anisotropy_centered`` (0-d tensors in ``dtype``, same definitions as the single
+    functions)."""
+    _check_dtype(dtype)
+    x = _float64(h, normalize_tokens)
     n, d = x.shape
     cap = max(min(n - 1, d), 1)
     xc = x - x.mean(dim=0, keepdim=True)
     g = _gram(xc)
     s = (xc * xc).sum()
     q = (g * g).sum()
-    lam = torch.linalg.eigvalsh(g).flip(0).clamp_min(0)
-    if lam.numel():
-        lam = torch.where(lam > max(n, d) * torch.finfo(dtype).eps * lam[0], lam, torch.zeros_like(lam))
+    lam = _gram_spectrum(xc)
     total = lam.sum()
     er = _entropy_rank(lam.sqrt())
     pr = torch.where(q > 0, s * s / q, _nan(s))
-    return {
+    out = {
         "erank": er,
         "erank_ratio": er / cap,
+        "rankme": rankme(x, dtype=torch.float64),
         "participation_ratio": pr,
         "pr_ratio": pr / cap,
         "top_pc_share": torch.where(total > 0, lam[0] / total, _nan(total)) if lam.numel() else _nan(s),
-        "anisotropy": anisotropy(x, num_pairs, generator, center=False, dtype=dtype),
-        "anisotropy_centered": anisotropy(x, num_pairs, generator, center=True, dtype=dtype),
+        "anisotropy": anisotropy(x, num_pairs, generator, center=False, dtype=torch.float64),
+        "anisotropy_centered": anisotropy(x, num_pairs, generator, center=True, dtype=torch.float64),
     }
+    return {k: v.to(dtype).to(h.device) for k, v in out.items()}
 
 
 # ------------------------------------------------------------------------------------ LoRA updates
