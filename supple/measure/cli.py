@@ -5,11 +5,38 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["add_parsers", "cmd_measure", "cmd_probe"]
+__all__ = ["add_parsers", "at_least", "cmd_measure", "cmd_probe", "positive_float"]
 
 _MODEL_HELP = (
     "a local Hugging Face model directory, a PEFT adapter directory, or 'embedded' (SmolLM2-135M-Instruct)"
 )
+
+
+def at_least(low: int):
+    """An argparse ``type``: an integer >= ``low`` (a bad value is argparse's one-line error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -20,8 +47,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         choices=("float32", "bfloat16", "float16"),
         help="weights dtype for the forward passes (default float32)",
     )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=256, help="tokens per text at most (truncation)")
+    p.add_argument("--batch-size", type=at_least(1), default=8)
+    p.add_argument("--max-length", type=at_least(2), default=256, help="tokens per text at most (truncation)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
@@ -42,10 +69,10 @@ def add_parsers(subparsers) -> None:
         "a 'text' field, or builtin:pydoc (default)",
     )
     m.add_argument("--out", required=True, help="output directory")
-    m.add_argument("--max-texts", type=int, default=None, help="use at most this many texts")
+    m.add_argument("--max-texts", type=at_least(1), default=None, help="use at most this many texts")
     m.add_argument(
         "--max-tokens",
-        type=int,
+        type=at_least(0),
         default=4096,
         help="non-padding tokens measured per model (0 = all; default 4096)",
     )
@@ -56,7 +83,7 @@ def add_parsers(subparsers) -> None:
         default=None,
         help="decoder blocks for the geometry (negative from the end; default all)",
     )
-    m.add_argument("--lens-tokens", type=int, default=512, help="tokens run through the logit lens (0 = off)")
+    m.add_argument("--lens-tokens", type=at_least(0), default=512, help="tokens run through the logit lens (0 = off)")
     m.add_argument("--no-plots", action="store_true", help="write JSON, CSV and the summary only")
     _common(m)
     m.set_defaults(func=cmd_measure)
@@ -77,20 +104,28 @@ def add_parsers(subparsers) -> None:
     p.add_argument(
         "--out", default=None, help="output directory for probe.json, probe.csv, probe.png, probe.md"
     )
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--steps", type=at_least(1), default=50)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--rank", type=at_least(1), default=8)
+    p.add_argument("--alpha", type=positive_float, default=16.0)
     p.add_argument("--target-modules", nargs="+", default=["all-linear"])
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="training seed(s): one probe per seed")
     p.add_argument("--data-seed", type=int, default=0, help="seed of a built-in task's texts")
-    p.add_argument("--n-train", type=int, default=256, help="training texts of a built-in task")
-    p.add_argument("--n-eval", type=int, default=64, help="held-out texts of a built-in task")
+    p.add_argument("--n-train", type=at_least(1), default=256, help="training texts of a built-in task")
+    p.add_argument("--n-eval", type=at_least(1), default=64, help="held-out texts of a built-in task")
     p.add_argument(
-        "--eval-every", type=int, default=None, help="held-out evaluation interval (default steps/10)"
+        "--eval-every", type=at_least(1), default=None, help="held-out evaluation interval (default steps/10)"
     )
     _common(p)
     p.set_defaults(func=cmd_probe, max_length=128)
+
+
+def _quiet_loading(args: argparse.Namespace) -> None:
+    """With ``--no-progress``, also no progress bars from transformers while it loads weights."""
+    if getattr(args, "no_progress", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _unique(name: str, taken: set[str]) -> str:
@@ -112,6 +147,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     from .models import load_model
     from .report import plot_records, write_records_csv, write_records_json, write_summary
 
+    _quiet_loading(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     texts = load_texts(args.data, limit=args.max_texts)
@@ -187,6 +223,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from .models import load_model
     from .probe import load_probe_task, plasticity_probe
 
+    _quiet_loading(args)
     train, held = load_probe_task(
         args.task, n_train=args.n_train, n_eval=args.n_eval, data_seed=args.data_seed
     )

@@ -72,7 +72,17 @@ def load_texts(spec: str, limit: int | None = None) -> list[str]:
     if path.suffix == ".jsonl":
         import json
 
-        texts = [json.loads(ln)["text"] for ln in raw.splitlines() if ln.strip()]
+        texts = []
+        for no, ln in enumerate(raw.splitlines(), start=1):
+            if not ln.strip():
+                continue
+            try:
+                row = json.loads(ln)
+            except ValueError as exc:
+                raise ValueError(f"{spec}, line {no}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError(f"{spec}, line {no}: expected an object with a string 'text' field")
+            texts.append(row["text"])
     elif re.search(r"\n\s*\n", raw.strip()):
         texts = [p.strip() for p in re.split(r"\n\s*\n", raw) if p.strip()]
     else:

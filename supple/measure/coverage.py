@@ -137,6 +137,9 @@ def semantic_coverage(
 
 
 def add_parsers(subparsers) -> None:
+    """Add the ``coverage`` sub-command (sets ``func``)."""
+    from .cli import at_least
+
     p = subparsers.add_parser(
         "coverage", help="semantic coverage of a target text set by a training text set",
         description="Fraction of TARGET texts whose k-nearest-neighbour ball (radius from the target set) holds "
@@ -147,8 +150,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("target", help="target texts, same formats")
     p.add_argument("--model", default="embedded", help="'embedded' (default) or a local HF model directory")
     p.add_argument("--layer", type=int, default=-1, help="decoder block to pool (default -1, the last)")
-    p.add_argument("--k", type=int, default=DEFAULT_K, help=f"nearest neighbours for the radius (default {DEFAULT_K})")
-    p.add_argument("--max-texts", type=int, default=None, help="use at most this many texts from each file")
+    p.add_argument("--k", type=at_least(1), default=DEFAULT_K, help=f"nearest neighbours for the radius (default {DEFAULT_K})")
+    p.add_argument("--max-texts", type=at_least(1), default=None, help="use at most this many texts from each file")
     p.add_argument("--json", dest="json_out", default=None, help="also write the result to this JSON file")
     p.set_defaults(func=cmd_coverage)
 
@@ -163,6 +166,14 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     from .models import load_model
 
     model, tokenizer, _ = load_model(args.model)
+    from ..modeling import find_decoder_blocks
+
+    n_blocks = len(find_decoder_blocks(model)[1])
+    if not -n_blocks <= args.layer < n_blocks:
+        raise ValueError(
+            f"--layer {args.layer} is out of range for a model with {n_blocks} decoder blocks; "
+            f"use 0..{n_blocks - 1} or -1..-{n_blocks}"
+        )
     res = semantic_coverage(train, target, model, tokenizer, layer=args.layer, k=args.k)
     for key, val in res.items():
         print(f"{key:>13}: {val:.4g}")

@@ -2,14 +2,14 @@
 
 A source of LoRA factors is a PEFT model (``PeftModel`` or a model with LoRA layers injected; the
 active adapter unless ``adapter_name`` is given), a saved adapter directory (``adapter_config.json`` +
-``adapter_model.safetensors``; no base model needed), or a ready mapping from
+``adapter_model.safetensors``, read by :func:`supple.measure.adapters.read_adapter`: safetensors only;
+no base model needed), or a ready mapping from
 :func:`lora_factors`. Module names are the base model's (``model.layers.3.self_attn.q_proj``).
 The scaling s is lora_alpha / r (lora_alpha / √r with rsLoRA), honouring rank/alpha patterns.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..regularizers.geometry import lora_delta_svd, singular_value_stats, subspace_overlap
+from .adapters import read_adapter
 from .core import record
 from .models import unwrap_model
 
@@ -51,17 +52,8 @@ def _pattern_value(patterns: Mapping[str, float], name: str, default: float) -> 
 
 
 def _factors_from_dir(path: Path) -> dict[str, LoraFactors]:
-    from safetensors.torch import load_file
-
-    with open(path / "adapter_config.json") as fh:
-        cfg = json.load(fh)
-    weights = path / "adapter_model.safetensors"
-    if weights.exists():
-        sd = load_file(str(weights))
-    elif (path / "adapter_model.bin").exists():
-        sd = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{path} holds no adapter_model.safetensors")
+    files = read_adapter(path)  # safetensors only: a pickled adapter_model.bin is refused unread
+    cfg, sd = files.config, files.tensors
     alpha_pat = cfg.get("alpha_pattern") or {}
     rslora = bool(cfg.get("use_rslora", False))
     out = {}
@@ -110,8 +102,6 @@ def lora_factors(source, adapter_name: str | None = None) -> dict[str, LoraFacto
         return dict(source)
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if not (path / "adapter_config.json").exists():
-            raise FileNotFoundError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
         return _factors_from_dir(path)
     return _factors_from_model(source, adapter_name)
 

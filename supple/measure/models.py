@@ -7,7 +7,6 @@ their decoder blocks in ``model.model.layers``, GPT-2 in ``transformer.h``, GPT-
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -82,15 +81,24 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
+def load_tokenizer(path: str | os.PathLike):
+    """``AutoTokenizer`` from a local directory (``local_files_only=True``)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
 def load_model(spec: str, device: str | None = "auto", dtype: str | torch.dtype | None = "float32"):
     """Load ``(model, tokenizer, name)`` for a CLI MODEL argument, in eval mode on ``device``.
 
     ``spec``: ``embedded`` (SmolLM2-135M-Instruct via :func:`supple.testbed.embedded.load_embedded_model`),
     a PEFT adapter directory (has ``adapter_config.json``; the base model is loaded from its
-    ``base_model_name_or_path`` and the adapter attached, not merged), or a local Hugging Face
-    model directory.
+    ``base_model_name_or_path``, which must be a local directory or ``embedded``, and the adapter
+    attached, not merged), or a local Hugging Face model directory. Local files only, safetensors only
+    (:mod:`supple.measure.adapters`): a hub id is refused, not downloaded, and pickled weights
+    (``adapter_model.bin``, ``pytorch_model.bin``) are refused before anything is loaded.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .adapters import is_adapter_dir, load_local_model, load_peft_adapter, read_adapter, refuse_pickles
 
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     if spec == "embedded":
@@ -99,34 +107,35 @@ def load_model(spec: str, device: str | None = "auto", dtype: str | torch.dtype 
         res = load_embedded_model(dtype=dt)
         model, tok = (res[0], res[1]) if isinstance(res, tuple) else (res, None)
         if tok is None:
-            tok = AutoTokenizer.from_pretrained(model.name_or_path)
+            tok = load_tokenizer(model.name_or_path)
         model = model.to(device=dev, dtype=dt).eval()
         return model, tok, "embedded"
     path = Path(spec)
     if not path.is_dir():
+        refuse_pickles(path, "MODEL")
         raise FileNotFoundError(
             f"MODEL {spec!r} is neither 'embedded' nor a local model or adapter directory"
         )
     name = path.resolve().name or str(path)
-    if (path / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        with open(path / "adapter_config.json") as fh:
-            cfg = json.load(fh)
+    if is_adapter_dir(path):
+        files = read_adapter(path)  # refuses a pickled adapter before any load
+        cfg = files.config
         base_path = cfg.get("base_model_name_or_path")
         if not base_path:
             raise ValueError(f"{path}/adapter_config.json names no base_model_name_or_path")
         if base_path == "embedded":
             base, tok, _ = load_model("embedded", device, dt)
         else:
-            base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dt)
-            tok = AutoTokenizer.from_pretrained(path if _has_tokenizer(path) else base_path)
-        model = PeftModel.from_pretrained(base, os.fspath(path))
+            what = f"base model of adapter {str(path)!r} (base_model_name_or_path in adapter_config.json)"
+            base = load_local_model(base_path, dt, what)
+            tok = load_tokenizer(path if _has_tokenizer(path) else base_path)
+        model = load_peft_adapter(base, files)
         return model.to(dev).eval(), tok, name
     if not (path / "config.json").exists():
+        refuse_pickles(path, "MODEL")
         raise FileNotFoundError(
             f"{path} has neither config.json (a model) nor adapter_config.json (an adapter)"
         )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
-    tok = AutoTokenizer.from_pretrained(path)
+    model = load_local_model(path, dt, "MODEL")
+    tok = load_tokenizer(path)
     return model.to(dev).eval(), tok, name

@@ -78,8 +78,23 @@ def load_probe_task(
     if spec.endswith(".jsonl"):
         import json
 
-        rows = [json.loads(ln) for ln in Path(spec).read_text(encoding="utf-8").splitlines() if ln.strip()]
-        texts = [(r["prompt"], r["completion"]) if "completion" in r else r["text"] for r in rows]
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such probe task file {spec!r} (or use builtin:reverse)")
+        texts = []
+        for no, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not ln.strip():
+                continue
+            try:
+                r = json.loads(ln)
+            except ValueError as exc:
+                raise ValueError(f"{spec}, line {no}: not valid JSON ({exc.msg})") from None
+            if isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("completion"), str):
+                texts.append((r["prompt"], r["completion"]))
+            elif isinstance(r, dict) and isinstance(r.get("text"), str):
+                texts.append(r["text"])
+            else:
+                raise ValueError(f"{spec}, line {no}: expected 'prompt' and 'completion' (or 'text') string fields")
     else:
         texts = load_texts(spec)
     if len(texts) < 2:
