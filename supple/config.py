@@ -17,12 +17,9 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
-DIVERSITY_PENALTIES = ("ipr", "decov", "vicreg")
-REFRESH_METHODS = ("shrink_perturb", "relora", "redo")
+from .regularizers.diversity import PENALTIES as DIVERSITY_PENALTIES  # the one list of penalty names
 
-# Fields whose behaviour has not landed yet: a non-default value raises NotImplementedError instead of
-# silently doing nothing. Shrinks as features land.
-_NOT_IMPLEMENTED: dict[str, str] = {}
+REFRESH_METHODS = ("shrink_perturb", "relora", "redo")
 
 
 @dataclass
@@ -178,13 +175,6 @@ def validate_supple_fields(cfg: Any) -> None:
     if cfg.relora_warmup_steps >= cfg.refresh_every:
         _fail("relora_warmup_steps", cfg.relora_warmup_steps, "expected fewer steps than refresh_every")
     _check_int(cfg, "metrics_every", 0)
-    defaults = {f.name: (f.default_factory() if callable(f.default_factory) else f.default) for f in fields(SuppleConfig)}
-    for name, what in _NOT_IMPLEMENTED.items():
-        if getattr(cfg, name) != defaults[name]:
-            raise NotImplementedError(
-                f"SuppleConfig.{name}={getattr(cfg, name)!r}: {what} is not implemented in this version of supple "
-                f"yet; leave {name} at its default ({defaults[name]!r})."
-            )
 
 
 def extract_supple_config(obj: Any) -> SuppleConfig:

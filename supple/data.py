@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 ReplayItem = Any  # a str, or a list of chat messages ({"role", "content"})
 
 
@@ -88,6 +90,23 @@ def tokenize_replay_item(item: ReplayItem, tokenizer: Any, max_length: int) -> l
     if len(ids) < 2:
         raise ValueError("replay item is shorter than two tokens.")
     return list(ids)
+
+
+def pad_token_batch(seqs: Sequence[Sequence[int]], pad_id: int, device: Any = None) -> dict[str, torch.Tensor]:
+    """The one padded-batch builder: right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding).
+
+    Each sequence is a list of token ids; the batch is as long as the longest one.
+    """
+    if not seqs:
+        raise ValueError("pad_token_batch: no sequences to batch.")
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[r, : len(s)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
 def mix_replay(train_dataset: Any, replay_dataset: Any, ratio: float, seed: int = 0) -> Any:

@@ -1,8 +1,11 @@
-"""Model introspection shared by callbacks/, measure/ and testbed/: decoder blocks, unwrapping, LoRA modules."""
+"""Model introspection shared by callbacks/, measure/ and testbed/: decoder blocks, unwrapping, LoRA modules.
+
+One implementation each: :func:`find_decoder_blocks`, :func:`resolve_layer_indices`, :func:`scan_lora_modules`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -108,13 +111,36 @@ def resolve_layer_indices(indices: list[int], n_layers: int, field: str = "diver
 
 @dataclass
 class LoraModuleRef:
-    """One LoRA-adapted linear layer: its normalized name and the active adapter's A/B parameters."""
+    """One LoRA-adapted linear layer: its normalized name and the active adapter's A/B parameters.
+
+    ``magnitude`` is DoRA's magnitude vector (one entry per output feature) when the adapter uses DoRA,
+    else None.
+    """
 
     name: str
     lora_a: nn.Parameter
     lora_b: nn.Parameter
     scaling: float
     module: nn.Module
+    magnitude: nn.Parameter | None = None
+
+
+@dataclass
+class LoraScan:
+    """What :func:`scan_lora_modules` found: the supported linear LoRA layers, and everything else.
+
+    ``unsupported`` maps module names to what they are ("AdaLoRA", "LoRA on an embedding", ...), so that
+    callers can refuse or report them instead of skipping them silently.
+    """
+
+    linear: list[LoraModuleRef] = field(default_factory=list)
+    unsupported: dict[str, str] = field(default_factory=dict)
+
+    def describe_unsupported(self, limit: int = 4) -> str:
+        """``'name (kind), ...'`` of the first ``limit`` unsupported modules."""
+        items = [f"{n} ({k})" for n, k in sorted(self.unsupported.items())]
+        more = f" and {len(items) - limit} more" if len(items) > limit else ""
+        return ", ".join(items[:limit]) + more
 
 
 def normalize_module_name(name: str) -> str:
@@ -128,27 +154,72 @@ def normalize_module_name(name: str) -> str:
     return name
 
 
-def find_lora_modules(model: nn.Module) -> list[LoraModuleRef]:
-    """LoRA linear layers of a PEFT model (active adapter only); empty for a model without LoRA."""
+def _adapter_kind(mod: nn.Module, adapter: str) -> str | None:
+    """Why an adapter of a PEFT LoRA layer is not a plain (or DoRA) linear LoRA; None when it is one."""
+    la = getattr(mod, "lora_A", None)
+    if isinstance(la, nn.ParameterDict):
+        return "AdaLoRA (lora_A is a ParameterDict)"
+    emb = getattr(mod, "lora_embedding_A", None)
+    if emb is not None and adapter in emb:
+        return "LoRA on an embedding"
+    if la is None or adapter not in la:
+        return None
+    weight = getattr(la[adapter], "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return "LoRA on a convolution"
+    return ""
+
+
+def scan_lora_modules(model: nn.Module) -> LoraScan:
+    """The one LoRA-module walker: every PEFT LoRA layer of ``model`` (active adapters only).
+
+    Plain and DoRA linear adapters land in ``linear``; AdaLoRA, embedding and convolution adapters in
+    ``unsupported``. A model without LoRA (or without peft installed) gives an empty scan.
+    """
     try:
         from peft.tuners.lora import LoraLayer
     except Exception:  # peft missing: no LoRA modules
-        return []
-    refs = []
+        return LoraScan()
+    scan = LoraScan()
     root = model.module if type(model).__name__ == "DistributedDataParallel" else model
     for name, mod in root.named_modules():
         if not isinstance(mod, LoraLayer):
             continue
         for adapter in getattr(mod, "active_adapters", []) or []:
-            if adapter not in getattr(mod, "lora_A", {}):
+            kind = _adapter_kind(mod, adapter)
+            if kind is None:
+                continue
+            key = normalize_module_name(name)
+            if kind:
+                scan.unsupported[key] = kind
                 continue
             a = mod.lora_A[adapter].weight
             b = mod.lora_B[adapter].weight
-            if a.dim() != 2 or b.dim() != 2:  # conv LoRA: not supported
-                continue
             scaling = mod.scaling.get(adapter, 1.0) if isinstance(getattr(mod, "scaling", None), dict) else 1.0
-            refs.append(LoraModuleRef(normalize_module_name(name), a, b, float(scaling), mod))
-    return refs
+            magnitude = None
+            if (getattr(mod, "use_dora", None) or {}).get(adapter, False):
+                magnitude = mod.lora_magnitude_vector[adapter].weight
+            scan.linear.append(LoraModuleRef(key, a, b, float(scaling), mod, magnitude))
+    return scan
+
+
+def find_lora_modules(model: nn.Module) -> list[LoraModuleRef]:
+    """Linear (plain or DoRA) LoRA layers of a PEFT model, active adapter only; see :func:`scan_lora_modules`."""
+    return scan_lora_modules(model).linear
+
+
+def module_path(root: nn.Module, target: nn.Module) -> list[nn.Module]:
+    """The modules from ``root`` down to ``target``'s parent (``root`` first); empty if ``target`` is not inside."""
+    names = {id(m): n for n, m in root.named_modules()}
+    name = names.get(id(target))
+    if name is None:
+        return []
+    path, mod = [root], root
+    parts = name.split(".") if name else []
+    for part in parts[:-1]:
+        mod = getattr(mod, part)
+        path.append(mod)
+    return path
 
 
 def attention_token_mask(attention_mask: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:

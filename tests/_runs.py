@@ -151,6 +151,19 @@ def run(kind="sft", trainer_cls=None, callbacks=(), lora=True, ga=1, ckpt=False,
     return tr
 
 
+def bare_taps(weight: float, coeff: float = 1.0, mask: torch.Tensor | None = None, layers=(0,)):
+    """DiversityTaps on a tiny Llama, wired to a stand-in context (step 0, micro 0) instead of a trainer."""
+    from types import SimpleNamespace
+
+    from supple.callbacks.diversity import DiversityTaps
+
+    taps = DiversityTaps("ipr", weight, list(layers), 0, True, 0, make_tiny_llama())
+    taps.ctx = SimpleNamespace(step_key=lambda: (0, 0), rng_key=lambda: (0, 0, 0), micro_coeff=lambda: coeff,
+                               abort=None)
+    taps._masks = SimpleNamespace(current=lambda: (mask, True))
+    return taps
+
+
 def trainable_state(trainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 

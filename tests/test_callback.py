@@ -12,7 +12,7 @@ from trl import SFTConfig
 import supple.callbacks.diversity as diversity_mod
 from supple import SuppleCallback, SuppleConfig
 
-from ._runs import dpo_dataset, run, trainable_state
+from ._runs import bare_taps, dpo_dataset, run, trainable_state
 
 
 @pytest.mark.parametrize("kind,ckpt", [("dpo", False), ("dpo", True), ("sft", True)])
@@ -116,9 +116,7 @@ def test_non_finite_penalty_is_skipped_counted_and_not_applied(tmp_path, monkeyp
 
 
 def test_single_token_micro_batch_is_skipped():
-    taps = diversity_mod.DiversityTaps("ipr", 1.0, [0], 0, True, coeff_fn=lambda: 1.0, rng_fn=lambda: (0, 0, 0))
-    taps.layers = [0]
-    taps._mask = torch.tensor([[0, 0, 1, 0]])
+    taps = bare_taps(1.0, mask=torch.tensor([[0, 0, 1, 0]]))
     hidden = torch.randn(1, 4, 8, requires_grad=True)
     out = taps._tap(hidden, 0)
     assert out is hidden
@@ -132,7 +130,7 @@ def test_layer_out_of_range_is_an_error_at_train_begin(tmp_path):
 
 
 def test_decorrelation_without_lora_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="need a PEFT LoRA model"):
+    with pytest.raises(ValueError, match="needs a PEFT LoRA model"):
         run("sft", lora=False, callbacks=[SuppleCallback(SuppleConfig(decorrelation_weight=0.1))], out=tmp_path)
 
 

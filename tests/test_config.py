@@ -62,15 +62,6 @@ def test_typo_in_field_name_is_an_error():
         SuppleConfig(diversty_weight=0.1)  # type: ignore[call-arg]
 
 
-def test_unimplemented_features_raise_not_implemented(monkeypatch):
-    import supple.config as config_mod
-
-    monkeypatch.setitem(config_mod._NOT_IMPLEMENTED, "refresh_method", "feature refresh")
-    with pytest.raises(NotImplementedError, match="not implemented"):
-        SuppleConfig(refresh_method="relora")
-    SuppleConfig()  # defaults are always fine
-
-
 def test_single_int_layer_and_single_path_are_accepted():
     cfg = SuppleConfig(diversity_layers=-2, previous_adapters="some/dir")
     assert cfg.diversity_layers == [-2] and cfg.previous_adapters == ["some/dir"]

@@ -108,24 +108,26 @@ def test_bad_replay_data_fails_at_train_begin(tmp_path, setup, match):
         run("sft", callbacks=[SuppleCallback(cfg)], out=tmp_path / "run")
 
 
-def test_replay_item_that_fails_to_tokenize_is_skipped_and_counted(tmp_path):
-    ds = Dataset.from_list([{"text": "a fine replay text"}] + [{"text": "x"}] * 0)
-    items = ["a fine replay text", 12345, 67890, 13579]  # ints cannot be tokenized
-    cfg = SuppleConfig(replay_every=1, replay_batch_size=1)
-    cb = SuppleCallback(cfg, replay_dataset=ds)
-    cb_items = items
-
-    orig_load = load_replay_items
+def test_replay_item_that_fails_to_tokenize_is_counted_in_replay_skipped(tmp_path, monkeypatch):
+    """Tokenization failures are logged as supple/replay_skipped, not as non-finite terms."""
     import supple.callbacks.supple_callback as sc
 
-    sc.load_replay_items = lambda spec, dataset: cb_items
-    try:
-        with pytest.warns(UserWarning, match="failed to tokenize"):
-            tr = run("sft", callbacks=[cb], steps=4, out=tmp_path)
-    finally:
-        sc.load_replay_items = orig_load
-    skipped = [h["supple/skipped_nonfinite"] for h in tr.state.log_history if "supple/skipped_nonfinite" in h]
-    assert skipped[-1] >= 1
+    items = ["a fine replay text", 12345, 67890, 13579]  # ints cannot be tokenized
+    monkeypatch.setattr(sc, "load_replay_items", lambda spec, dataset: items)
+    cfg = SuppleConfig(replay_every=1, replay_batch_size=1)
+    cb = SuppleCallback(cfg, replay_dataset=Dataset.from_list([{"text": "unused"}]))
+    with pytest.warns(UserWarning, match="failed to tokenize"):
+        tr = run("sft", callbacks=[cb], steps=4, out=tmp_path)
+    logs = [h for h in tr.state.log_history if "loss" in h]
+    term = ReplayTerm(items, 1.0, 1, 1, 0)
+    expected, total = [], 0
+    for step in range(4):
+        total += sum(not isinstance(items[i], str) for i in term.batch_indices(step))
+        expected.append(float(total))
+    assert [h["supple/replay_skipped"] for h in logs] == expected and expected[-1] >= 1
+    assert all(h["supple/skipped_nonfinite"] == 0.0 for h in logs)
+    assert sum("supple/replay_loss" in h for h in logs) == 4 - sum(
+        not isinstance(items[term.batch_indices(s)[0]], str) for s in range(4))
     assert all(torch.isfinite(p).all() for p in tr.model.parameters())
 
 

@@ -14,7 +14,7 @@ from trl import DPOTrainer, SFTTrainer
 import supple.callbacks.diversity as diversity_mod
 from supple import SuppleCallback, SuppleConfig
 
-from ._runs import assert_params_close, reference_class, run, trainable_state
+from ._runs import assert_params_close, bare_taps, reference_class, run, trainable_state
 from ._tiny import make_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,18 +41,20 @@ def test_bf16_autocast_equivalence_with_penalties_in_fp32(tmp_path, kind, monkey
 
 
 def test_injected_gradients_carry_the_grad_scaler_scale():
+    from supple.callbacks import TrainingContext
+
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    cb = SuppleCallback(SuppleConfig(diversity_weight=1.0))
-    cb.trainer = SimpleNamespace(accelerator=SimpleNamespace(scaler=scaler), current_gradient_accumulation_steps=2)
-    assert cb._grad_scale() == 1024.0 and cb._micro_coeff() == 512.0
+    args, state = SimpleNamespace(gradient_accumulation_steps=2, fp16=True), SimpleNamespace(global_step=0)
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(scaler=scaler), current_gradient_accumulation_steps=2)
+    ctx = TrainingContext(args, state, torch.nn.Linear(2, 2), trainer)
+    assert ctx.grad_scale() == 1024.0 and ctx.micro_coeff() == 512.0
     scaler.scale(torch.ones(()))  # as a training step would, then a manual scale change
     scaler.update(512.0)
-    assert cb._grad_scale() == 512.0
-    cb.trainer = SimpleNamespace(accelerator=SimpleNamespace(scaler=None), current_gradient_accumulation_steps=4)
-    assert cb._grad_scale() == 1.0 and cb._micro_coeff() == 0.25
+    assert ctx.grad_scale() == 512.0
+    ctx.trainer = SimpleNamespace(accelerator=SimpleNamespace(scaler=None), current_gradient_accumulation_steps=4)
+    assert ctx.grad_scale() == 1.0 and ctx.micro_coeff() == 0.25
     # the tap multiplies the hand-derived gradient by exactly that coefficient
-    taps = diversity_mod.DiversityTaps("ipr", 2.0, [0], 0, True, coeff_fn=lambda: 1024.0, rng_fn=lambda: (0, 0, 0))
-    taps.layers = [0]
+    taps = bare_taps(2.0, coeff=1024.0)
     hidden = torch.randn(1, 6, 8, requires_grad=True)
     out = taps._tap(hidden, 0)
     out.backward(torch.zeros_like(out))
@@ -60,9 +62,18 @@ def test_injected_gradients_carry_the_grad_scaler_scale():
     torch.testing.assert_close(hidden.grad.reshape(6, 8), 2.0 * 1024.0 * g)
 
 
+def test_fp16_without_a_trainer_is_a_clear_error_not_scale_one():
+    from supple.callbacks import TrainerRequiredError, TrainingContext
+
+    ctx = TrainingContext(SimpleNamespace(fp16=True), SimpleNamespace(global_step=0), torch.nn.Linear(2, 2))
+    with pytest.raises(TrainerRequiredError, match=r"fp16.*SuppleCallback\(config\)\.attach\(trainer\)"):
+        ctx.grad_scale()
+    assert TrainingContext(SimpleNamespace(fp16=False), SimpleNamespace(global_step=0),
+                           torch.nn.Linear(2, 2)).grad_scale() == 1.0
+
+
 def test_nan_hidden_states_inject_nothing():
-    taps = diversity_mod.DiversityTaps("ipr", 1.0, [0], 0, True, coeff_fn=lambda: 1.0, rng_fn=lambda: (0, 0, 0))
-    taps.layers = [0]
+    taps = bare_taps(1.0)
     hidden = torch.randn(2, 5, 8)
     hidden[1, 2, 3] = float("nan")
     hidden.requires_grad_(True)

@@ -5,17 +5,26 @@ Modules are grouped by the shape of their A matrix; each group is one batched co
 λ·∂D/∂A (times the GradScaler scale) is added to ``A.grad`` at the start of each optimizer step's
 accumulation window, so it is clipped and stepped together with the task gradient, exactly once per
 optimizer step.
+
+:class:`DecorrelationPart` is the callback part (docs/design.md, "LoRA decorrelation"): it validates the
+model and the earlier stages' subspaces when built, and adds the gradients at each ``on_step_begin``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from ..modeling import LoraModuleRef, find_lora_modules
+from ..modeling import LoraModuleRef, LoraScan, find_lora_modules, scan_lora_modules
 from ..regularizers.lora import lora_penalties
+from .context import TrainingContext
+
+# A fresh adapter whose A rows already lie this much inside an earlier stage's subspace (mean ‖ÂU‖²/r) did
+# not start from a new random direction: random rows in d_in dimensions overlap k/d_in on average.
+START_OVERLAP_WARNING = 0.5
 
 
 @dataclass
@@ -39,6 +48,8 @@ class _Group:
 
 
 class LoraDecorrelation:
+    """The decorrelation math on one model's LoRA A matrices, grouped by shape (no hooks, no trainer)."""
+
     def __init__(self, intra_weight: float, cross_weight: float) -> None:
         self.intra_weight = float(intra_weight)
         self.cross_weight = float(cross_weight)
@@ -48,8 +59,10 @@ class LoraDecorrelation:
         self.num_with_basis = 0
         self.values: list[tuple[float, float | None]] = []
 
-    def setup(self, model: torch.nn.Module, bases: dict[str, torch.Tensor] | None) -> None:
-        refs = find_lora_modules(model)
+    def setup(self, model: torch.nn.Module, bases: dict[str, torch.Tensor] | None,
+              refs: list[LoraModuleRef] | None = None) -> None:
+        """Group the trainable LoRA A matrices of ``model`` (or ``refs``) and their earlier-stage bases."""
+        refs = find_lora_modules(model) if refs is None else refs
         if not refs:
             raise ValueError(
                 "SuppleConfig.decorrelation_weight/decorrelation_cross_weight > 0 need a PEFT LoRA model, but "
@@ -150,3 +163,85 @@ class LoraDecorrelation:
         intra_mean = intra_total / self.num_modules
         cross_mean = cross_total / self.num_with_basis if self.num_with_basis else None
         return intra_mean, cross_mean, finite
+
+
+class DecorrelationPart:
+    """The LoRA-decorrelation part of SuppleCallback: validated when built, applied once per optimizer step.
+
+    Args:
+        intra_weight, cross_weight: ``decorrelation_weight`` and ``decorrelation_cross_weight``.
+        model: the training model (a PEFT LoRA model).
+        bases: earlier stages' input subspaces ``{module name: U (d_in × k)}`` (empty without a cross term).
+
+    Raises ValueError for models without linear LoRA layers and for AdaLoRA; LoRA on embeddings or
+    convolutions is left out of the term and reported with a warning.
+    """
+
+    def __init__(self, intra_weight: float, cross_weight: float, model: torch.nn.Module,
+                 bases: dict[str, torch.Tensor], scan: LoraScan | None = None) -> None:
+        scan = scan if scan is not None else scan_lora_modules(model)
+        refuse_unsupported_lora(scan, "LoRA decorrelation (decorrelation_weight / decorrelation_cross_weight)",
+                                "set decorrelation_weight and decorrelation_cross_weight to 0")
+        self.term = LoraDecorrelation(intra_weight, cross_weight)
+        self.term.setup(model, bases, scan.linear)
+        self.ctx: TrainingContext | None = None
+        self.skipped = 0
+        self._log: list[tuple[float, float | None]] = []
+        if cross_weight > 0 and self.term.num_with_basis:
+            _, start = self.term.measure()
+            if start is not None and start >= START_OVERLAP_WARNING:
+                warnings.warn(
+                    f"supple: the new LoRA adapter starts inside an earlier stage's subspace (cross overlap "
+                    f"{start:.2f} at step 0, where a random start gives about k/d_in). PEFT initializes LoRA A "
+                    "from the random seed, so a stage trained with the same seed as an earlier one starts from "
+                    "the same A, and supple/cross_overlap reads ~1 from the start. Use a different seed per "
+                    "stage (TrainingArguments(seed=...)).",
+                    stacklevel=3,
+                )
+
+    def attach(self, ctx: TrainingContext) -> None:
+        self.ctx = ctx
+
+    def detach(self) -> None:
+        self.ctx = None
+
+    def on_step_begin(self) -> None:
+        """Add the term's gradient (times the GradScaler scale) before the first micro-batch's backward."""
+        intra, cross, ok = self.term.add_gradients(scale=self.ctx.grad_scale())
+        if ok:
+            self._log.append((intra, cross))
+        else:
+            self.skipped += 1
+            warnings.warn("supple: non-finite LoRA decorrelation gradient skipped this step.", stacklevel=2)
+
+    def logs(self) -> dict[str, float]:
+        """``supple/decorrelation`` and ``supple/cross_overlap``: means over the steps since the last log."""
+        if not self._log:
+            return {}
+        out = {"supple/decorrelation": sum(v[0] for v in self._log) / len(self._log)}
+        cross = [v[1] for v in self._log if v[1] is not None]
+        if cross:
+            out["supple/cross_overlap"] = sum(cross) / len(cross)
+        self._log.clear()
+        return out
+
+
+def refuse_unsupported_lora(scan: LoraScan, what: str, instead: str) -> None:
+    """ValueError for AdaLoRA adapters; a warning naming LoRA embedding/convolution adapters left out of ``what``."""
+    ada = {n: k for n, k in scan.unsupported.items() if k.startswith("AdaLoRA")}
+    if ada:
+        raise ValueError(
+            f"supple's {what} does not support AdaLoRA: its lora_A is a ParameterDict of SVD-style factors "
+            f"(found in {len(ada)} module(s), e.g. {sorted(ada)[0]!r}). Use a plain LoraConfig, or {instead}."
+        )
+    if scan.unsupported:
+        warnings.warn(
+            f"supple's {what} covers linear LoRA layers only; these LoRA modules are left out: "
+            f"{scan.describe_unsupported()}.",
+            stacklevel=3,
+        )
+    if not scan.linear:
+        raise ValueError(
+            f"supple's {what} needs a PEFT LoRA model with LoRA on linear layers, but the model has none. Pass "
+            f"`peft_config=LoraConfig(...)` to the trainer (or a PeftModel), or {instead}."
+        )

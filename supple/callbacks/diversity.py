@@ -1,60 +1,34 @@
-"""Hidden-state taps: inject λ·∂P/∂H into the gradient of selected decoder-block outputs.
+"""Diversity taps: inject λ·∂P/∂H into the gradient of selected decoder-block outputs (one part).
 
 A forward hook on each selected block computes the penalty P on the block output (non-padding tokens,
 optionally subsampled) and returns the output passed through an identity autograd function ("tap")
 whose backward adds ``coeff · ∂P/∂H`` to the incoming gradient. That is exactly the gradient of adding
 ``coeff · P`` to the loss, without touching the trainer's loss (DPO computes its loss outside the model).
 
-Hooks act only in training forwards with grad enabled (so DPO's reference pass, generation and
-evaluation are untouched), and each (micro-batch, block) pair counts once, so the recomputation
-forwards of gradient checkpointing do not double the term.
+Invariants (docs/design.md, "Diversity taps"):
+- hooks act only in training forwards with grad enabled (DPO's reference pass, generation and
+  evaluation are untouched);
+- the tap applies on *every* grad-enabled call of a block, whether the block hooks run outside a
+  checkpointed region or inside it (reentrant or not): a call that repeats the (step, micro-batch,
+  block) key of an earlier call — a recomputation — re-applies the very same tap (same token indices,
+  same injected gradient), so recomputation saves the same tensors and the gradient counts once;
+- the penalty is evaluated, and its statistics counted, once per (step, micro-batch, block).
 """
 
 from __future__ import annotations
 
-import hashlib
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..modeling import attention_token_mask, find_decoder_blocks, resolve_layer_indices
+from ..modeling import attention_token_mask, find_decoder_blocks, resolve_layer_indices, unwrap_model
 from ..regularizers.diversity import penalty_value_and_grad
+from .context import TrainingContext
+from .tokens import BatchMasks, real_token_indices, select_tokens, subsample, token_generator
 
-
-def token_generator(seed: int, step: int, micro: int, layer: int) -> torch.Generator:
-    """Generator for the token subsample of one (optimizer step, global micro-batch index, block)."""
-    digest = hashlib.blake2b(f"supple/{seed}/{step}/{micro}/{layer}".encode(), digest_size=8).digest()
-    g = torch.Generator()
-    g.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
-    return g
-
-
-def real_token_indices(mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor:
-    """Flat CPU indices (into a (batch·seq) view) of the real (non-padding) tokens."""
-    if mask is None:
-        return torch.arange(batch * seq)
-    return mask.reshape(-1).nonzero().flatten().cpu()
-
-
-def subsample(idx: torch.Tensor, max_tokens: int, generator: torch.Generator | None) -> torch.Tensor:
-    """At most ``max_tokens`` of ``idx`` (0 = all), drawn with ``generator`` on the CPU, kept in order."""
-    if max_tokens and idx.numel() > max_tokens:
-        perm = torch.randperm(idx.numel(), generator=generator)[:max_tokens]
-        idx = idx[perm.sort().values]
-    return idx
-
-
-def select_tokens(
-    mask: torch.Tensor | None, batch: int, seq: int, max_tokens: int, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Flat indices (into a (batch·seq) view) of real tokens, subsampled to ``max_tokens`` (0 = all).
-
-    The subsample is drawn with ``generator`` on the CPU, so it is reproducible across devices.
-    """
-    return subsample(real_token_indices(mask, batch, seq), max_tokens, generator)
+__all__ = ["DiversityTaps", "select_tokens", "token_generator"]
 
 
 class _Tap(torch.autograd.Function):
@@ -75,93 +49,79 @@ class _Tap(torch.autograd.Function):
 
 @dataclass
 class TapStats:
+    """Per-logging-window penalty values (device tensors, no host sync) and captured samples for metrics."""
+
     values: list[torch.Tensor] = field(default_factory=list)
     finite: list[torch.Tensor] = field(default_factory=list)
     hidden_samples: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class DiversityTaps:
-    """Installs the forward hooks; the owner supplies the per-micro-batch scaling through callbacks.
+    """The diversity part: block hooks that tap the selected decoder-block outputs.
 
     Args:
         penalty: penalty name ("ipr", "decov", "vicreg").
-        weight: λ. The injected coefficient is λ / num_layers × ``coeff_fn()``.
+        weight: λ; the injected coefficient is λ / number of layers × ``ctx.micro_coeff()``. With 0 the
+            hooks only capture samples for live metrics.
         layers: block indices (negative from the end).
         max_tokens: tokens sampled per micro-batch and block (0 = all).
         normalize: scale token vectors to unit length first.
-        coeff_fn: returns the scale of one micro-batch: 1/grad-accumulation × GradScaler scale.
-        rng_fn: returns ``(seed, step, micro)`` for the token subsample of the current micro-batch.
-        capture_every_fn: returns True when the block outputs should be kept for live metrics.
+        capture_every: keep the tapped tokens of the first micro-batch every N steps for live metrics (0 = never).
+        model: the training model; validated here (blocks found, indices in range), nothing is attached.
     """
 
-    def __init__(
-        self,
-        penalty: str,
-        weight: float,
-        layers: list[int],
-        max_tokens: int,
-        normalize: bool,
-        coeff_fn: Callable[[], float],
-        rng_fn: Callable[[], tuple[int, int, int]],
-        capture_fn: Callable[[], bool] | None = None,
-    ) -> None:
+    def __init__(self, penalty: str, weight: float, layers: list[int], max_tokens: int, normalize: bool,
+                 capture_every: int, model: nn.Module) -> None:
         self.penalty = penalty
         self.weight = float(weight)
-        self.layer_spec = list(layers)
         self.max_tokens = int(max_tokens)
         self.normalize = bool(normalize)
-        self.coeff_fn = coeff_fn
-        self.rng_fn = rng_fn
-        self.capture_fn = capture_fn or (lambda: False)
+        self.capture_every = int(capture_every)
+        _, self.blocks = find_decoder_blocks(model)
+        self.layers = resolve_layer_indices(list(layers), len(self.blocks))
         self.stats = TapStats()
-        self.layers: list[int] = []
-        self._handles: list = []
-        self._forward_id = 0
-        self._done: set[tuple[int, int]] = set()
-        self._mask: torch.Tensor | None = None
-        self._real_idx: torch.Tensor | None = None  # real-token indices of the current forward, shared by blocks
-        self._real_idx_shape: tuple[int, int] | None = None
-        self._warned_nonfinite = False
-        self._warned_mask = False
         self.paused = False
+        self.ctx: TrainingContext | None = None
+        self._masks: BatchMasks | None = None
+        self._handles: list = []
+        self._key: tuple[int, int] | None = None
+        self._taps: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._real_idx: tuple[tuple[int, int], torch.Tensor] | None = None
+        self._warned: set[str] = set()
 
-    # -- installation -------------------------------------------------------------------------------
-    def attach(self, model: nn.Module) -> None:
-        _, blocks = find_decoder_blocks(model)
-        self.layers = resolve_layer_indices(self.layer_spec, len(blocks))
-        from ..modeling import unwrap_model
-
-        base = unwrap_model(model)
-        self._handles.append(base.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def attach(self, ctx: TrainingContext) -> None:
+        """Install the block hooks and the mask pre-hooks on ``ctx.model``."""
+        self.ctx = ctx
+        self._masks = BatchMasks(ctx.step_key)
+        self._masks.attach(unwrap_model(ctx.model) if _is_ddp(ctx.model) else ctx.model, self.blocks)
         for k in self.layers:
-            self._handles.append(blocks[k].register_forward_hook(self._make_block_hook(k)))
+            self._handles.append(self.blocks[k].register_forward_hook(self._make_block_hook(k)))
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._masks is not None:
+            self._masks.detach()
+        self._taps.clear()
+        self._real_idx = None
+        self._key = None
 
     # -- hooks --------------------------------------------------------------------------------------
-    def _model_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
-        if self.paused or not (module.training and torch.is_grad_enabled()):
-            return None
-        self._forward_id += 1
-        self._done = {key for key in self._done if key[0] >= self._forward_id - 1}
-        mask = kwargs.get("attention_mask")
-        self._mask = mask.detach() if isinstance(mask, torch.Tensor) else None
-        self._real_idx = None
-        return None
-
     def _make_block_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, output):
-            if self.paused or not (module.training and torch.is_grad_enabled()):
+            if self.paused or self.ctx is None or not (module.training and torch.is_grad_enabled()):
                 return None
-            key = (self._forward_id, layer)
-            if key in self._done:  # gradient-checkpointing recomputation: this micro-batch counted already
-                return None
-            self._done.add(key)
             hidden = output[0] if isinstance(output, tuple) else output
-            new_hidden = self._tap(hidden, layer)
+            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+                return None
+            try:
+                new_hidden = self._tap(hidden, layer)
+            except BaseException:
+                if self.ctx.abort is not None:  # nothing of supple stays on the model after an error
+                    self.ctx.abort()
+                raise
             if new_hidden is hidden:
                 return None
             if isinstance(output, tuple):
@@ -171,40 +131,58 @@ class DiversityTaps:
         return hook
 
     def _tap(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
-        if hidden.dim() != 3:
-            return hidden
-        b, t, d = hidden.shape
-        mask = attention_token_mask(self._mask, (b, t))
-        if self._mask is not None and mask is None and not self._warned_mask:
-            warnings.warn(
-                "supple: attention_mask does not match the hidden states; using every position.", stacklevel=2
-            )
-            self._warned_mask = True
-        if self._real_idx is None or self._real_idx_shape != (b, t):  # one mask scan per forward, not per block
-            self._real_idx = real_token_indices(mask, b, t)
-            self._real_idx_shape = (b, t)
-        seed, step, micro = self.rng_fn()
-        gen = token_generator(seed, step, micro, layer) if self.max_tokens else None
-        idx = subsample(self._real_idx, self.max_tokens, gen).to(hidden.device)
-        h = hidden.detach().reshape(-1, d).index_select(0, idx)
-        if self.capture_fn():
+        key = self.ctx.step_key()
+        if key != self._key:  # a new micro-batch: forget the previous one's taps
+            self._key, self._taps, self._real_idx = key, {}, None
+        slot = (layer, tuple(hidden.shape))
+        if slot in self._taps:  # recomputation of this (step, micro-batch, block): the same tap again
+            saved = self._taps[slot]
+            return hidden if saved is None else _Tap.apply(hidden, *saved)
+        idx = self._token_indices(hidden, layer)
+        h = hidden.detach().reshape(-1, hidden.shape[-1]).index_select(0, idx)
+        if self.capture_every and key[1] == 0 and key[0] % self.capture_every == 0:
             self.stats.hidden_samples[layer] = h.float().cpu()
         if self.weight == 0:
+            self._taps[slot] = None
             return hidden
         if h.shape[0] < 2:  # no covariance from fewer than two tokens
             self.stats.values.append(torch.zeros((), device=hidden.device))
             self.stats.finite.append(torch.zeros((), dtype=torch.bool, device=hidden.device))
+            self._taps[slot] = None
             return hidden
         with torch.autocast(device_type=hidden.device.type, enabled=False):  # penalties always in fp32
             p, g = penalty_value_and_grad(self.penalty, h, self.normalize)
         # Decide on device (no host sync): a non-finite term injects nothing and is counted.
         finite = torch.isfinite(p) & torch.isfinite(g).all()
-        coeff = self.weight / len(self.layers) * self.coeff_fn()
+        coeff = self.weight / len(self.layers) * self.ctx.micro_coeff()
         extra = torch.where(finite, g * coeff, torch.zeros_like(g))
         self.stats.values.append(torch.where(finite, p, torch.zeros_like(p)))
         self.stats.finite.append(finite)
+        self._taps[slot] = (idx, extra)
         return _Tap.apply(hidden, idx, extra)
 
+    def _token_indices(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        b, t, _ = hidden.shape
+        if self._real_idx is None or self._real_idx[0] != (b, t):  # one mask scan per micro-batch, not per block
+            raw, seen = self._masks.current()
+            mask = attention_token_mask(raw, (b, t))
+            if not seen:
+                self._warn_once("unseen", "supple: no forward of the model was seen before a tapped block in this "
+                                "micro-batch, so its attention_mask is unknown; every position counts as a token.")
+            elif raw is not None and mask is None:
+                self._warn_once("shape", "supple: attention_mask does not match the hidden states; using every "
+                                "position.")
+            self._real_idx = ((b, t), real_token_indices(mask, b, t))
+        seed, step, micro = self.ctx.rng_key()
+        gen = token_generator(seed, step, micro, layer) if self.max_tokens else None
+        return subsample(self._real_idx[1], self.max_tokens, gen).to(hidden.device)
+
+    def _warn_once(self, what: str, message: str) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            warnings.warn(message, stacklevel=3)
+
+    # -- logging ------------------------------------------------------------------------------------
     def collect(self) -> tuple[float | None, int]:
         """Mean finite penalty since the last call (None if none) and the number of skipped terms."""
         if not self.stats.finite:
@@ -215,13 +193,19 @@ class DiversityTaps:
         self.stats.finite.clear()
         n_ok = int(finite.sum())
         skipped = int((~finite).sum())
-        if skipped and not self._warned_nonfinite:
-            warnings.warn(
+        if skipped:
+            self._warn_once("nonfinite", (
                 f"supple: the {self.penalty} diversity penalty was not finite in {skipped} micro-batch/block "
                 "term(s) (e.g. a micro-batch with fewer than two real tokens, or NaN hidden states); those "
-                "terms were skipped and are counted in supple/skipped_nonfinite.",
-                stacklevel=2,
-            )
-            self._warned_nonfinite = True
+                "terms were skipped and are counted in supple/skipped_nonfinite."))
         mean = float(values[finite].mean()) if n_ok else None
         return mean, skipped
+
+    def take_samples(self) -> dict[int, torch.Tensor]:
+        """The captured block outputs since the last call (for live metrics), emptied."""
+        out, self.stats.hidden_samples = self.stats.hidden_samples, {}
+        return out
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    return type(model).__name__ in ("DistributedDataParallel", "DataParallel")

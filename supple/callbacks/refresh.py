@@ -3,17 +3,24 @@
 Each refresh at optimizer step s draws its randomness from a generator seeded by (seed, s), so a refresh
 is deterministic given the seed, and a resumed run refreshes exactly like an uninterrupted one.
 Optimizer moments of re-initialized parameters (or rows/columns) are reset to zero.
+
+Under DDP every decision that changes parameters is identical on every rank (docs/design.md,
+"Refresh"): the noise and re-initializations come from the same (seed, step) generator, and ReDo's
+activation statistics are all-reduced across ranks before the dormant units are chosen.
+:class:`RefreshPart` is the callback part.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from ..modeling import LoraModuleRef, find_decoder_blocks
+from ..modeling import LoraModuleRef, LoraScan, find_decoder_blocks, find_lora_modules, scan_lora_modules
+from .context import TrainingContext
 
 
 def refresh_generator(seed: int, step: int, what: str) -> torch.Generator:
@@ -49,7 +56,11 @@ def shrink_perturb_(params: list[nn.Parameter], alpha: float, sigma: float, gene
 @torch.no_grad()
 def relora_(modules: list[LoraModuleRef], optimizer, generator: torch.Generator) -> int:
     """Merge each LoRA update into its base weight, re-initialize A (Kaiming-uniform, as PEFT) and B = 0,
-    and zero their optimizer moments (Lialin et al. 2023). Returns the number of modules refreshed."""
+    and zero their optimizer moments (Lialin et al. 2023). Returns the number of modules refreshed.
+
+    The merge keeps the model's function. For DoRA, W ← m ⊙ (W + ΔW) / ‖W + ΔW‖_row and the magnitude
+    vector is reset to the row norms of the merged W (so that with B = 0 the layer computes W·x), and the
+    magnitude's optimizer moments are zeroed too."""
     for ref in modules:
         base = getattr(ref.module, "base_layer", None)
         weight = getattr(base, "weight", None)
@@ -57,10 +68,15 @@ def relora_(modules: list[LoraModuleRef], optimizer, generator: torch.Generator)
             raise ValueError(f"relora: module {ref.name!r} has no 2-D base weight to merge into.")
         if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise ValueError(f"relora: module {ref.name!r} has a quantized base weight ({weight.dtype}); cannot merge.")
-        delta = ref.scaling * (ref.lora_b.float() @ ref.lora_a.float())
-        if getattr(ref.module, "fan_in_fan_out", False):
-            delta = delta.T
-        weight.add_(delta.to(weight.dtype))
+        fan_in_fan_out = bool(getattr(ref.module, "fan_in_fan_out", False))
+        w = weight.float().T if fan_in_fan_out else weight.float()  # (out, in)
+        merged = w + ref.scaling * (ref.lora_b.float() @ ref.lora_a.float())
+        if ref.magnitude is not None:  # DoRA: the layer computes m ⊙ (W + ΔW)/‖W + ΔW‖_row · x
+            norm = merged.norm(dim=1)
+            merged = merged * (ref.magnitude.float().reshape(-1) / norm).unsqueeze(1)
+            ref.magnitude.copy_(merged.norm(dim=1).reshape(ref.magnitude.shape).to(ref.magnitude.dtype))
+            _reset_moments(optimizer, ref.magnitude)
+        weight.copy_((merged.T if fan_in_fan_out else merged).to(weight.dtype))
         a = torch.empty(ref.lora_a.shape)
         bound = 1.0 / math.sqrt(ref.lora_a.shape[1])  # kaiming_uniform_(a=sqrt(5)) bound for fan_in = d_in
         a.uniform_(-bound, bound, generator=generator)
@@ -86,23 +102,42 @@ def _mlp_parts(block: nn.Module) -> tuple[list[nn.Linear], nn.Linear]:
 
 
 class DormantTracker:
-    """Mean |activation| of each MLP hidden unit (input of down_proj), over training forwards."""
+    """Mean |activation| of each MLP hidden unit (input of down_proj), over training forwards.
 
-    def __init__(self, model: nn.Module) -> None:
+    Args:
+        model: the training model (its decoder blocks must have gated MLPs).
+        step_key: returns the ``(step, micro-batch)`` key; each (key, block) is counted once, so a block
+            recomputed under gradient checkpointing does not count twice. None counts every call.
+        attach: install the hooks now (else call :meth:`attach`).
+    """
+
+    def __init__(self, model: nn.Module, step_key: Callable[[], tuple[int, int]] | None = None,
+                 attach: bool = True) -> None:
         _, blocks = find_decoder_blocks(model)
         self.blocks = list(blocks)
+        self.downs = [_mlp_parts(block)[1] for block in self.blocks]  # validates every block first
+        self.step_key = step_key
         self.sums: dict[int, torch.Tensor] = {}
         self.counts: dict[int, int] = {}
         self.active = False
-        self._handles = []
-        for i, block in enumerate(self.blocks):
-            _, down = _mlp_parts(block)
+        self._seen: set[tuple] = set()
+        self._handles: list = []
+        if attach:
+            self.attach()
+
+    def attach(self) -> None:
+        for i, down in enumerate(self.downs):
             self._handles.append(down.register_forward_hook(self._hook(i)))
 
     def _hook(self, i: int):
         def hook(mod, args, out):
             if not self.active or not torch.is_grad_enabled() or not mod.training:
                 return
+            if self.step_key is not None:
+                key = (*self.step_key(), i)
+                if key in self._seen:  # recomputation of a checkpointed block
+                    return
+                self._seen.add(key)
             x = args[0].detach().float().abs()
             s = x.reshape(-1, x.shape[-1]).sum(0)
             self.sums[i] = self.sums.get(i, 0) + s
@@ -110,8 +145,25 @@ class DormantTracker:
 
         return hook
 
+    def _all_reduce(self) -> None:
+        """Sum the statistics over DDP ranks, so every rank picks the same dormant units."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        for i, down in enumerate(self.downs):
+            w = down.weight
+            total = self.sums.get(i)
+            total = torch.zeros(w.shape[1], device=w.device) if not isinstance(total, torch.Tensor) else total.to(w.device)
+            count = torch.tensor([float(self.counts.get(i, 0))], device=w.device, dtype=torch.float64)
+            dist.all_reduce(total)
+            dist.all_reduce(count)
+            if float(count) > 0:
+                self.sums[i], self.counts[i] = total, int(count)
+
     def scores(self) -> dict[int, torch.Tensor]:
-        """ReDo score per unit: mean |activation| divided by the layer's mean over units."""
+        """ReDo score per unit: mean |activation| divided by the layer's mean over units (all ranks pooled)."""
+        self._all_reduce()
         out = {}
         for i, s in self.sums.items():
             mean = s / max(self.counts[i], 1)
@@ -120,10 +172,12 @@ class DormantTracker:
 
     def reset(self) -> None:
         self.sums, self.counts = {}, {}
+        self._seen = set()
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
+        self._handles.clear()
 
 
 @torch.no_grad()
@@ -165,3 +219,84 @@ def redo_(tracker: DormantTracker, tau: float, optimizer, generator: torch.Gener
             _reset_moments(optimizer, down.weight, dormant, 1)
     tracker.reset()
     return total
+
+
+class RefreshPart:
+    """The feature-refresh part of SuppleCallback (``refresh_method`` every ``refresh_every`` steps).
+
+    Validated when built: ``relora`` needs linear LoRA layers and refuses AdaLoRA and LoRA on embeddings
+    or convolutions (it could not merge them); ``redo`` needs gated MLPs; under DDP ``redo`` needs an
+    initialized process group for its all-reduce.
+    """
+
+    def __init__(self, cfg, model: nn.Module, ctx: TrainingContext, scan: LoraScan | None = None) -> None:
+        self.method = cfg.refresh_method
+        self.every = int(cfg.refresh_every)
+        self.shrink, self.noise = float(cfg.refresh_shrink), float(cfg.refresh_noise)
+        self.tau, self.warmup = float(cfg.redo_threshold), int(cfg.relora_warmup_steps)
+        scan = scan if scan is not None else scan_lora_modules(model)
+        if self.method == "relora":
+            if scan.unsupported:
+                raise ValueError(
+                    "refresh_method='relora' merges every LoRA adapter into its base weight; it cannot merge "
+                    f"{scan.describe_unsupported()}. Use LoRA on linear layers only, or refresh_method="
+                    "'shrink_perturb'/'redo'.")
+            if not scan.linear:
+                raise ValueError("refresh_method='relora' merges and re-initializes LoRA adapters: the model has "
+                                 "none. Use a PEFT LoRA model, or refresh_method='shrink_perturb'/'redo'.")
+        self.tracker: DormantTracker | None = None
+        if self.method == "redo":
+            if any(k.startswith("AdaLoRA") for k in scan.unsupported.values()):
+                raise ValueError("refresh_method='redo' re-initializes LoRA B rows, which AdaLoRA does not have; "
+                                 "use a plain LoraConfig or refresh_method='shrink_perturb'.")
+            if ctx.world_size > 1:
+                import torch.distributed as dist
+
+                if not (dist.is_available() and dist.is_initialized()):
+                    raise ValueError("refresh_method='redo' under DDP all-reduces its activation statistics, but "
+                                     "torch.distributed is not initialized; launch with torchrun.")
+            self.tracker = DormantTracker(model, ctx.step_key, attach=False)
+        self.ctx: TrainingContext | None = None
+        self._pending: dict[str, float] = {}
+
+    def attach(self, ctx: TrainingContext) -> None:
+        self.ctx = ctx
+        if self.tracker is not None:
+            self.tracker.attach()
+
+    def detach(self) -> None:
+        if self.tracker is not None:
+            self.tracker.detach()
+            self.tracker.reset()
+        self.ctx = None
+
+    def on_step_begin(self, optimizer) -> None:
+        step = self.ctx.step
+        if self.tracker is not None:
+            self.tracker.active = (step + 1) % self.every == 0
+        if self.method == "relora" and self.warmup:
+            since = step % self.every
+            if step >= self.every and since < self.warmup:
+                factor = (since + 1) / (self.warmup + 1)
+                for group in getattr(optimizer, "param_groups", []):
+                    group["lr"] = group["lr"] * factor
+
+    @torch.no_grad()
+    def on_step_end(self, optimizer, model: nn.Module) -> None:
+        step = self.ctx.step
+        if step % self.every != 0:
+            return
+        gen = refresh_generator(self.ctx.seed, step, self.method)
+        if self.method == "shrink_perturb":
+            shrink_perturb_([p for p in model.parameters() if p.requires_grad], self.shrink, self.noise, gen)
+        elif self.method == "relora":
+            relora_(find_lora_modules(model), optimizer, gen)
+        elif self.method == "redo":
+            lora = {r.name: r for r in find_lora_modules(model)}
+            self._pending["supple/redo_units"] = float(redo_(self.tracker, self.tau, optimizer, gen, lora))
+
+    def logs(self) -> dict[str, float]:
+        """``supple/refreshes`` (refreshes so far) and ``supple/redo_units`` after a ReDo refresh."""
+        out = {"supple/refreshes": float(self.ctx.step // self.every), **self._pending}
+        self._pending = {}
+        return out

@@ -8,20 +8,39 @@ gradients, which are then clipped and stepped with the task gradient.
 The batch used at optimizer step s is a pure function of (seed, s): replay position and RNG need no
 state of their own, so a run resumed from a checkpoint replays exactly what the uninterrupted run did.
 Every rank uses the same replay batch, so under DDP the averaged gradient equals the 1-process one.
+
+:class:`ReplayPart` is the callback part (docs/design.md, "Replay"). Items that fail to tokenize are
+dropped and counted in ``supple/replay_skipped``; a non-finite replay loss is skipped and counted in
+``supple/skipped_nonfinite``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..data import ReplayItem, tokenize_replay_item
+from ..data import ReplayItem, pad_token_batch, tokenize_replay_item
+from .context import TrainingContext
+
+
+@dataclass
+class ReplayResult:
+    """Outcome of one replay step: the loss (None if nothing was applied), items that failed to tokenize,
+    and whether the loss was non-finite (then no gradient was added)."""
+
+    loss: float | None
+    failed_items: int
+    nonfinite: bool
 
 
 class ReplayTerm:
+    """The replay batches and their forward/backward (no trainer, no hooks)."""
+
     def __init__(self, items: list[ReplayItem], weight: float, every: int, batch_size: int, seed: int) -> None:
         if not items:
             raise ValueError("replay data is empty.")
@@ -76,29 +95,81 @@ class ReplayTerm:
                 failed += 1
         if not seqs:
             return {}, failed
-        t = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), t), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), t), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            ids[r, : len(s)] = torch.tensor(s)
-            mask[r, : len(s)] = 1
-        labels = ids.masked_fill(mask == 0, -100)
-        batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-        return batch, failed
+        return pad_token_batch(seqs, self.pad_id, device), failed
 
-    def step(self, model: torch.nn.Module, global_step: int, scale: float) -> tuple[float | None, int]:
-        """Forward/backward of the replay batch; returns (replay loss or None if skipped, skipped count)."""
+    def step(self, model: torch.nn.Module, global_step: int, scale: float) -> ReplayResult:
+        """Forward/backward of the replay batch at ``global_step``, its gradient scaled by weight × ``scale``."""
         device = next(p for p in model.parameters()).device
         batch, failed = self.make_batch(global_step, device)
         if failed:
-            warnings.warn(f"supple: {failed} replay item(s) failed to tokenize at step {global_step}; skipped.",
-                          stacklevel=2)
+            warnings.warn(f"supple: {failed} replay item(s) failed to tokenize at step {global_step}; skipped "
+                          "(counted in supple/replay_skipped).", stacklevel=2)
         if not batch:
-            return None, max(failed, 1)
+            return ReplayResult(None, failed, False)
         out = model(**batch, use_cache=False)
         loss = out["loss"] if isinstance(out, dict) else out[0]
         if not bool(torch.isfinite(loss)):
             warnings.warn(f"supple: non-finite replay loss at step {global_step}; skipped.", stacklevel=2)
-            return None, failed + 1
+            return ReplayResult(None, failed, True)
         (loss.float() * (self.weight * scale)).backward()
-        return float(loss.detach()), failed
+        return ReplayResult(float(loss.detach()), failed, False)
+
+
+class ReplayPart:
+    """The replay part of SuppleCallback: one replay forward/backward at the start of each replay step.
+
+    Args:
+        term: a :class:`ReplayTerm` already set up (tokenizer checked).
+        ctx: the run's context; under DDP the trainer is required (its wrapped model and ``no_sync``).
+        pause: called with True/False around the replay pass (the diversity taps must not see it).
+    """
+
+    def __init__(self, term: ReplayTerm, ctx: TrainingContext, pause=None) -> None:
+        if ctx.world_size > 1:
+            ctx.require_trainer("to run replay under DDP (its wrapped model and no_sync)")
+        if getattr(ctx.trainer, "is_deepspeed_enabled", False):
+            raise ValueError("supple's replay term runs its own backward pass, which DeepSpeed does not allow; "
+                             "set replay_data=None.")
+        self.term = term
+        self.pause = pause or (lambda paused: None)
+        self.ctx: TrainingContext | None = None
+        self.skipped_items = 0
+        self.nonfinite = 0
+        self._losses: list[float] = []
+
+    def attach(self, ctx: TrainingContext) -> None:
+        self.ctx = ctx
+
+    def detach(self) -> None:
+        self.ctx = None
+
+    def on_step_begin(self) -> None:
+        ctx = self.ctx
+        if not self.term.is_replay_step(ctx.step):
+            return
+        model = ctx.wrapped_model()
+        sync = contextlib.nullcontext()
+        accelerator = getattr(ctx.trainer, "accelerator", None)
+        if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
+            sync = accelerator.no_sync(model)  # reduced together with the window's last micro-batch
+        was_training = model.training
+        model.train()
+        self.pause(True)
+        try:
+            with sync:
+                res = self.term.step(model, ctx.step, ctx.grad_scale())
+        finally:
+            self.pause(False)
+            model.train(was_training)
+        self.skipped_items += res.failed_items
+        self.nonfinite += int(res.nonfinite)
+        if res.loss is not None:
+            self._losses.append(res.loss)
+
+    def logs(self) -> dict[str, float]:
+        """``supple/replay_loss`` (mean since the last log) and ``supple/replay_skipped`` (items so far)."""
+        out = {"supple/replay_skipped": float(self.skipped_items)}
+        if self._losses:
+            out["supple/replay_loss"] = sum(self._losses) / len(self._losses)
+            self._losses.clear()
+        return out

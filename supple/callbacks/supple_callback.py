@@ -1,11 +1,16 @@
-"""`SuppleCallback`: wires supple's interventions and live metrics into any transformers/TRL Trainer."""
+"""`SuppleCallback`: the one public entry. Validates everything, then attaches its parts; detaches them all.
+
+Lifecycle (docs/design.md, "Lifecycle"): ``on_train_begin`` ends any earlier run of this object, builds a
+fresh :class:`TrainingContext`, builds every part (each validates its inputs and touches nothing), and only
+then attaches them. ``on_train_end`` — or an error raised by supple at any point — detaches everything and
+forgets the trainer, so one callback object can serve several trainers in turn.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import math
 import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -13,11 +18,13 @@ from transformers import TrainerCallback
 
 from ..config import SuppleConfig, extract_supple_config
 from ..data import load_replay_items
-from ..modeling import find_lora_modules
-from .decorrelation import LoraDecorrelation
+from ..modeling import scan_lora_modules
+from .context import TrainingContext, discover_trainer
+from .decorrelation import DecorrelationPart
 from .diversity import DiversityTaps
-from .refresh import DormantTracker, redo_, refresh_generator, relora_, shrink_perturb_
-from .replay import ReplayTerm
+from .metrics import MetricsPart
+from .refresh import RefreshPart
+from .replay import ReplayPart, ReplayTerm
 from .subspace import load_previous_subspaces
 
 _OBJECT_KWARGS = {
@@ -26,22 +33,23 @@ _OBJECT_KWARGS = {
 }
 
 
-def _find_trainer() -> Any | None:
-    """The Trainer that is calling us (callbacks are not handed the trainer; walk the call stack)."""
-    try:
-        from transformers import Trainer
-    except Exception:  # pragma: no cover
-        return None
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            obj = frame.f_locals.get("self")
-            if isinstance(obj, Trainer):
-                return obj
-            frame = frame.f_back
-    finally:
-        del frame
-    return None
+@dataclass
+class _Run:
+    """The parts of one training run and what must be undone at its end."""
+
+    ctx: TrainingContext
+    config: SuppleConfig
+    taps: DiversityTaps | None = None
+    decor: DecorrelationPart | None = None
+    replay: ReplayPart | None = None
+    refresh: RefreshPart | None = None
+    metrics: MetricsPart | None = None
+    attached: list[Any] = field(default_factory=list)
+    moved_from: int | None = None  # our index in the trainer's callback list before moving to the front
+    skipped: int = 0
+
+    def parts(self) -> list[Any]:
+        return [p for p in (self.taps, self.decor, self.replay, self.refresh, self.metrics) if p is not None]
 
 
 class SuppleCallback(TrainerCallback):
@@ -53,7 +61,12 @@ class SuppleCallback(TrainerCallback):
         **objects: values that are not plain config fields: ``previous_subspaces`` (dict of bases, as
             returned by :func:`supple.capture_update_subspace`), ``replay_dataset`` (a ``datasets.Dataset``).
 
-    Every term is injected as a gradient exactly equal to adding it to the loss (see ARCHITECTURE.md):
+    Give it its trainer explicitly with ``SuppleCallback(config).attach(trainer)`` (which also registers
+    the callback); used as ``with SuppleCallback(config).attach(trainer): trainer.train()``, everything is
+    detached even when ``train()`` raises. Passed in ``callbacks=[...]`` alone, it finds its trainer on
+    the call stack at train begin, as a convenience.
+
+    Every term is injected as a gradient exactly equal to adding it to the loss (see docs/design.md):
     hidden-state terms through taps on decoder-block outputs, scaled by 1/gradient-accumulation and the
     fp16 GradScaler scale; LoRA terms added to the gradients once per optimizer step, before clipping.
     """
@@ -73,287 +86,250 @@ class SuppleCallback(TrainerCallback):
             )
         self.user_config = config
         self.objects = objects
-        self.config: SuppleConfig | None = config
-        self.trainer: Any | None = None
-        self._taps: DiversityTaps | None = None
-        self._decor: LoraDecorrelation | None = None
-        self._replay: ReplayTerm | None = None
-        self._replay_losses: list[float] = []
-        self._tracker: DormantTracker | None = None
-        self._model = None
-        self._optimizer = None
-        self._micro = 0
-        self._skipped_total = 0
-        self._decor_log: list[tuple[float, float | None]] = []
-        self._pending: dict[str, float] = {}
-        self._orig_log = None
-        self._state = None
-        self._args = None
+        self._attached_trainer: Any | None = None
+        self._run: _Run | None = None
 
-    # ------------------------------------------------------------------------------------------------
+    # -- explicit wiring ------------------------------------------------------------------------------
+    @property
+    def config(self) -> SuppleConfig | None:
+        """The settings of the current run (the user's config before the first run)."""
+        return self._run.config if self._run is not None else self.user_config
+
+    @property
+    def trainer(self) -> Any | None:
+        """The trainer of the current run, or the one given to :meth:`attach` before it starts."""
+        return self._run.ctx.trainer if self._run is not None else self._attached_trainer
+
     def attach(self, trainer: Any) -> SuppleCallback:
-        """Explicitly give the callback its trainer (normally found automatically at train begin)."""
-        self.trainer = trainer
+        """Bind this callback to ``trainer`` for its next ``train()`` (and register it there if needed)."""
+        handler = getattr(trainer, "callback_handler", None)
+        if handler is None:
+            raise TypeError(f"SuppleCallback.attach expects a transformers Trainer, got {type(trainer).__name__}.")
+        if not any(cb is self for cb in handler.callbacks):
+            trainer.add_callback(self)
+        self._attached_trainer = trainer
         return self
 
-    def _ga_steps(self) -> int:
-        t = self.trainer
-        n = getattr(t, "current_gradient_accumulation_steps", None) if t is not None else None
-        if isinstance(n, int) and n > 0:
-            return n
-        return max(int(getattr(self._args, "gradient_accumulation_steps", 1) or 1), 1)
+    def detach(self) -> None:
+        """Remove everything this callback attached (hooks, callback order) and forget the trainer."""
+        self._end_run()
+        self._attached_trainer = None
 
-    def _grad_scale(self) -> float:
-        scaler = getattr(getattr(self.trainer, "accelerator", None), "scaler", None)
-        if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
-            return float(scaler.get_scale())
-        return 1.0
+    def __enter__(self) -> SuppleCallback:
+        return self
 
-    def _micro_coeff(self) -> float:
-        return self._grad_scale() / self._ga_steps()
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
 
-    def _rng(self) -> tuple[int, int, int]:
-        args, state = self._args, self._state
-        world = max(int(getattr(args, "world_size", 1) or 1), 1)
-        rank = int(getattr(args, "process_index", 0) or 0)
-        return int(getattr(args, "seed", 0)), int(state.global_step), self._micro * world + rank
-
-    def _capture_now(self) -> bool:
-        cfg = self.config
-        return bool(cfg and cfg.metrics_every and self._micro == 0 and self._state.global_step % cfg.metrics_every == 0)
-
-    # ------------------------------------------------------------------------------------------------
+    # -- events -------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._args, self._state = args, state
-        self.config = self.user_config if self.user_config is not None else extract_supple_config(args)
-        cfg = self.config
-        if self.trainer is None:
-            self.trainer = _find_trainer()
-        trainer = self.trainer
-        if trainer is not None:
-            mine = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SuppleCallback)]
-            if len(mine) > 1:
-                raise ValueError(
-                    "SuppleCallback was added to the trainer more than once; every term would be applied twice. "
-                    "Pass a single SuppleCallback."
-                )
-        if model is None:
-            raise ValueError("SuppleCallback needs the model at train begin (the Trainer passes it).")
-        wants_params = cfg.decorrelation_weight > 0 or cfg.decorrelation_cross_weight > 0
-        if wants_params and trainer is not None:
-            if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
-                raise ValueError(
-                    "supple's LoRA decorrelation adds gradients to the LoRA parameters, which DeepSpeed and FSDP "
-                    "shard or manage themselves; it is not supported there. Use DDP, or set "
-                    "decorrelation_weight and decorrelation_cross_weight to 0."
-                )
-        if cfg.diversity_weight > 0 or cfg.metrics_every > 0:
-            self._taps = DiversityTaps(
-                cfg.diversity_penalty,
-                cfg.diversity_weight,
-                cfg.diversity_layers,
-                cfg.diversity_max_tokens,
-                cfg.diversity_normalize_tokens,
-                coeff_fn=self._micro_coeff,
-                rng_fn=self._rng,
-                capture_fn=self._capture_now,
-            )
-            self._taps.attach(model)
-        if wants_params:
-            bases: dict[str, torch.Tensor] = {}
-            if cfg.decorrelation_cross_weight > 0:
-                if cfg.previous_adapters:
-                    bases.update(load_previous_subspaces(cfg.previous_adapters, cfg.previous_subspace_rank))
-                if self.objects.get("previous_subspaces"):
-                    extra = dict(self.objects["previous_subspaces"])
-                    bases.update({k: v.float() for k, v in extra.items()})
-                if not bases:
-                    raise ValueError(
-                        "SuppleConfig.decorrelation_cross_weight > 0 needs earlier stages' subspaces: set "
-                        "previous_adapters (paths) or pass SuppleCallback(previous_subspaces=...)."
-                    )
-            self._decor = LoraDecorrelation(cfg.decorrelation_weight, cfg.decorrelation_cross_weight)
-            self._decor.setup(model, bases)
-        self._model = model
-        self._optimizer = kwargs.get("optimizer")
-        replay_ds = self.objects.get("replay_dataset")
-        if cfg.replay_data is not None or replay_ds is not None:
-            if trainer is not None and getattr(trainer, "is_deepspeed_enabled", False):
-                raise ValueError("supple's replay term runs its own backward pass, which DeepSpeed does not allow.")
-            items = load_replay_items(cfg.replay_data if replay_ds is None else None, replay_ds)
-            self._replay = ReplayTerm(items, cfg.replay_weight, cfg.replay_every, cfg.replay_batch_size,
-                                      int(getattr(args, "seed", 0)))
-            max_len = getattr(args, "max_length", None) or getattr(args, "max_seq_length", None) or 512
-            self._replay.setup(kwargs.get("processing_class"), max_len)
-        if cfg.refresh_method == "redo":
-            self._tracker = DormantTracker(model)
-        elif cfg.refresh_method == "relora" and not find_lora_modules(model):
-            raise ValueError("refresh_method='relora' merges and re-initializes LoRA adapters: the model has none. "
-                             "Use a PEFT LoRA model, or refresh_method='shrink_perturb'/'redo'.")
-        active = any(x is not None for x in (self._taps, self._decor, self._replay)) or cfg.refresh_method
-        if trainer is not None and active:
-            self._wrap_log(trainer)
-        elif active:
-            warnings.warn(
-                "SuppleCallback could not find its Trainer: supple/* metrics go to state.log_history only.",
-                stacklevel=2,
-            )
+        self._end_run()  # a second on_train_begin (auto_find_batch_size retry) replaces, never adds
+        try:
+            self._run = self._start(args, state, model, kwargs)
+        except BaseException:
+            self._end_run()
+            self._attached_trainer = None
+            raise
         return control
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._micro = 0
-        cfg = self.config
-        if self._tracker is not None:
-            self._tracker.active = (state.global_step + 1) % cfg.refresh_every == 0
-        if cfg.refresh_method == "relora" and cfg.relora_warmup_steps:
-            since = state.global_step % cfg.refresh_every
-            if state.global_step >= cfg.refresh_every and since < cfg.relora_warmup_steps:
-                factor = (since + 1) / (cfg.relora_warmup_steps + 1)
-                opt = kwargs.get("optimizer") or self._optimizer
-                for group in getattr(opt, "param_groups", []):
-                    group["lr"] = group["lr"] * factor
-        if self._replay is not None and self._replay.is_replay_step(state.global_step):
-            self._run_replay(state.global_step)
-        if self._decor is not None:
-            intra, cross, ok = self._decor.add_gradients(scale=self._grad_scale())
-            if ok:
-                self._decor_log.append((intra, cross))
-            else:
-                self._skipped_total += 1
-                warnings.warn("supple: non-finite LoRA decorrelation gradient skipped this step.", stacklevel=2)
+        run = self._run
+        if run is None:
+            return control
+        with self._guard():
+            run.ctx.micro = 0
+            optimizer = kwargs.get("optimizer") or run.ctx.optimizer
+            if run.refresh is not None:
+                run.refresh.on_step_begin(optimizer)
+            if run.replay is not None:
+                run.replay.on_step_begin()
+            if run.decor is not None:
+                run.decor.on_step_begin()
         return control
 
     def on_substep_end(self, args, state, control, **kwargs):
-        self._micro += 1
+        if self._run is not None:
+            self._run.ctx.micro += 1
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._micro = 0
-        cfg = self.config
-        if cfg.refresh_method and state.global_step % cfg.refresh_every == 0:
-            self._refresh(state.global_step, kwargs.get("optimizer") or self._optimizer, kwargs.get("model"))
-        if self._taps is not None and self._taps.stats.hidden_samples:
-            self._pending.update(self._live_metrics(self._taps.stats.hidden_samples))
-            self._taps.stats.hidden_samples = {}
-            self._pending.update(self._lora_metrics(kwargs.get("model") or self._model))
+        run = self._run
+        if run is None:
+            return control
+        with self._guard():
+            run.ctx.micro = 0
+            model = kwargs.get("model") or run.ctx.model
+            if run.refresh is not None:
+                run.refresh.on_step_end(kwargs.get("optimizer") or run.ctx.optimizer, model)
+            if run.metrics is not None:
+                run.metrics.on_step_end(model)
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self._orig_log is None and logs is not None and "loss" in logs:
-            # No trainer wrapper: at least record the values in log_history.
-            extra = self._collect_logs()
-            logs.update(extra)
-            if state.log_history:
-                state.log_history[-1].update(extra)
+        run = self._run
+        if run is None or logs is None or "loss" not in logs:
+            return control
+        with self._guard():
+            extra = self._collect_logs(run)
+            logs.update(extra)  # seen by the callbacks after us: the report_to integrations (we run first)
+            last = state.log_history[-1] if state.log_history else None
+            if last is not None and last.get("loss") == logs["loss"]:  # the copy Trainer.log just appended
+                last.update(extra)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._taps is not None:
-            self._taps.detach()
-        if self._tracker is not None:
-            self._tracker.detach()
-        if self._orig_log is not None and self.trainer is not None:
-            try:
-                del self.trainer.log
-            except AttributeError:
-                pass
-            self._orig_log = None
+        self.detach()
         return control
 
-    # ------------------------------------------------------------------------------------------------
-    def _run_replay(self, global_step: int) -> None:
-        trainer = self.trainer
-        model = getattr(trainer, "model_wrapped", None) or self._model
-        ctx = contextlib.nullcontext()
-        accelerator = getattr(trainer, "accelerator", None)
-        if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
-            ctx = accelerator.no_sync(model)  # reduced together with the window's last micro-batch
-        was_training = model.training
-        model.train()
-        if self._taps is not None:
-            self._taps.paused = True
-        try:
-            with ctx:
-                loss, skipped = self._replay.step(model, global_step, self._grad_scale())
-        finally:
-            if self._taps is not None:
-                self._taps.paused = False
-            model.train(was_training)
-        self._skipped_total += skipped
-        if loss is not None:
-            self._replay_losses.append(loss)
+    # -- run setup ----------------------------------------------------------------------------------
+    def _start(self, args, state, model, kwargs: dict) -> _Run:
+        if model is None:
+            raise ValueError("SuppleCallback needs the model at train begin (the Trainer passes it).")
+        cfg = self.user_config if self.user_config is not None else extract_supple_config(args)
+        trainer = self._attached_trainer or discover_trainer(self)
+        if trainer is not None:
+            _check_trainer(self, trainer, model, explicit=self._attached_trainer is not None)
+        ctx = TrainingContext(args, state, model, trainer, kwargs.get("optimizer"), kwargs.get("processing_class"))
+        ctx.abort = self.detach
+        run = _build_parts(cfg, ctx, self.objects)  # validates everything; attaches nothing
+        self._run = run  # from here on, an error detaches what was attached
+        for part in run.parts():
+            part.attach(ctx)
+            run.attached.append(part)
+        if run.parts() and trainer is not None:
+            run.moved_from = _move_to_front(trainer, self)
+        elif run.parts() and getattr(args, "report_to", None):
+            warnings.warn(
+                "SuppleCallback could not find its Trainer: supple/* metrics reach state.log_history but not "
+                "the report_to integrations. Use `SuppleCallback(config).attach(trainer)`.",
+                stacklevel=3,
+            )
+        return run
 
-    @torch.no_grad()
-    def _refresh(self, global_step: int, optimizer, model) -> None:
-        cfg = self.config
-        model = model if model is not None else self._model
-        gen = refresh_generator(int(getattr(self._args, "seed", 0)), global_step, cfg.refresh_method)
-        if cfg.refresh_method == "shrink_perturb":
-            params = [p for p in model.parameters() if p.requires_grad]
-            shrink_perturb_(params, cfg.refresh_shrink, cfg.refresh_noise, gen)
-        elif cfg.refresh_method == "relora":
-            relora_(find_lora_modules(model), optimizer, gen)
-        elif cfg.refresh_method == "redo":
-            lora = {r.name: r for r in find_lora_modules(model)}
-            self._pending["supple/redo_units"] = float(redo_(self._tracker, cfg.redo_threshold, optimizer, gen, lora))
-        # if decorrelation bases or stacks reference parameters, they are unchanged objects: nothing to rebuild
+    def _end_run(self) -> None:
+        run, self._run = self._run, None
+        if run is None:
+            return
+        for part in reversed(run.attached):
+            part.detach()
+        trainer = run.ctx.trainer
+        if run.moved_from is not None and trainer is not None:
+            order = [cb for cb in trainer.callback_handler.callbacks if cb is not self]
+            if len(order) < len(trainer.callback_handler.callbacks):
+                order.insert(min(run.moved_from, len(order)), self)
+            trainer.callback_handler.callbacks = order
 
-    def _live_metrics(self, samples: dict[int, torch.Tensor]) -> dict[str, float]:
-        from ..regularizers.geometry import anisotropy, effective_rank
+    def _guard(self):
+        return _DetachOnError(self)
 
-        out = {}
-        for layer, h in samples.items():
-            if h.shape[0] < 2:
-                continue
-            out[f"supple/erank/layer_{layer}"] = float(effective_rank(h))
-            gen = torch.Generator().manual_seed(int(self._state.global_step))
-            out[f"supple/anisotropy/layer_{layer}"] = float(anisotropy(h, generator=gen))
-        return out
-
-    def _lora_metrics(self, model) -> dict[str, float]:
-        """Mean stable rank ‖ΔW‖²_F/σ₁² of the LoRA updates ΔW = scaling·B·A (0-update modules left out)."""
-        from ..regularizers.geometry import lora_delta_svd, singular_value_stats
-
-        ranks = []
-        for ref in find_lora_modules(model):
-            _, sv, _ = lora_delta_svd(ref.lora_a, ref.lora_b, ref.scaling)
-            r = float(singular_value_stats(sv)["stable_rank"])
-            if math.isfinite(r):
-                ranks.append(r)
-        return {"supple/lora_stable_rank": sum(ranks) / len(ranks)} if ranks else {}
-
-    def _collect_logs(self) -> dict[str, float]:
+    # -- logging ------------------------------------------------------------------------------------
+    def _collect_logs(self, run: _Run) -> dict[str, float]:
         out: dict[str, float] = {}
-        if self._taps is not None and self.config.diversity_weight > 0:
-            mean, skipped = self._taps.collect()
-            self._skipped_total += skipped
+        if run.taps is not None and run.config.diversity_weight > 0:
+            mean, skipped = run.taps.collect()
+            run.skipped += skipped
             if mean is not None:
                 out["supple/diversity"] = mean
-        if self._decor_log:
-            intra = [v[0] for v in self._decor_log]
-            out["supple/decorrelation"] = sum(intra) / len(intra)
-            cross = [v[1] for v in self._decor_log if v[1] is not None]
-            if cross:
-                out["supple/cross_overlap"] = sum(cross) / len(cross)
-            self._decor_log.clear()
-        if self._replay_losses:
-            out["supple/replay_loss"] = sum(self._replay_losses) / len(self._replay_losses)
-            self._replay_losses.clear()
-        if self.config.refresh_method:
-            out["supple/refreshes"] = float(self._state.global_step // self.config.refresh_every)
-        if any(x is not None for x in (self._taps, self._decor, self._replay)):
-            out["supple/skipped_nonfinite"] = float(self._skipped_total)
-        out.update(self._pending)
-        self._pending = {}
+        for part in (run.decor, run.replay, run.refresh):
+            if part is not None:
+                out.update(part.logs())
+        if any(p is not None for p in (run.taps, run.decor, run.replay)):
+            nonfinite = run.skipped + (run.decor.skipped if run.decor else 0) + (run.replay.nonfinite if run.replay else 0)
+            out["supple/skipped_nonfinite"] = float(nonfinite)
+        out.update(run.ctx.pending)
+        run.ctx.pending.clear()
         return {k: v for k, v in out.items() if isinstance(v, float) and math.isfinite(v)}
 
-    def _wrap_log(self, trainer: Any) -> None:
-        orig = trainer.log
-        self._orig_log = orig
 
-        def log(logs: dict, *a: Any, **kw: Any):
-            if isinstance(logs, dict) and "loss" in logs:
-                logs.update(self._collect_logs())
-            return orig(logs, *a, **kw)
+class _DetachOnError:
+    """Context manager: an exception inside a supple event detaches everything before it propagates."""
 
-        trainer.log = log
+    def __init__(self, cb: SuppleCallback) -> None:
+        self.cb = cb
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self.cb.detach()
+        return False
+
+
+def _check_trainer(cb: SuppleCallback, trainer: Any, model: Any, explicit: bool) -> None:
+    if explicit and getattr(trainer, "model", model) is not model:
+        raise ValueError(
+            "SuppleCallback.attach(trainer) was given a different trainer than the one now training (its model "
+            "differs). Call attach() with the trainer you train, or leave it out."
+        )
+    mine = [c for c in trainer.callback_handler.callbacks if isinstance(c, SuppleCallback)]
+    if len(mine) > 1:
+        raise ValueError(
+            "SuppleCallback was added to the trainer more than once; every term would be applied twice. "
+            "Pass a single SuppleCallback."
+        )
+
+
+def _build_parts(cfg: SuppleConfig, ctx: TrainingContext, objects: dict) -> _Run:
+    """Every part of the run, each validated; nothing is attached yet (see docs/design.md)."""
+    run = _Run(ctx, cfg)
+    model, trainer = ctx.model, ctx.trainer
+    wants_params = cfg.decorrelation_weight > 0 or cfg.decorrelation_cross_weight > 0
+    scan = scan_lora_modules(model)
+    if wants_params and (getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False)):
+        raise ValueError(
+            "supple's LoRA decorrelation adds gradients to the LoRA parameters, which DeepSpeed and FSDP "
+            "shard or manage themselves; it is not supported there. Use DDP, or set "
+            "decorrelation_weight and decorrelation_cross_weight to 0."
+        )
+    if cfg.diversity_weight > 0 or cfg.metrics_every > 0:
+        run.taps = DiversityTaps(cfg.diversity_penalty, cfg.diversity_weight, cfg.diversity_layers,
+                                 cfg.diversity_max_tokens, cfg.diversity_normalize_tokens, cfg.metrics_every, model)
+        if cfg.metrics_every > 0:
+            run.metrics = MetricsPart(run.taps)
+    if wants_params:
+        run.decor = DecorrelationPart(cfg.decorrelation_weight, cfg.decorrelation_cross_weight, model,
+                                      _previous_bases(cfg, objects), scan)
+    replay_ds = objects.get("replay_dataset")
+    if cfg.replay_data is not None or replay_ds is not None:
+        items = load_replay_items(cfg.replay_data if replay_ds is None else None, replay_ds)
+        term = ReplayTerm(items, cfg.replay_weight, cfg.replay_every, cfg.replay_batch_size, ctx.seed)
+        args = ctx.args
+        term.setup(ctx.processing_class, getattr(args, "max_length", None) or getattr(args, "max_seq_length", None))
+        taps = run.taps
+        run.replay = ReplayPart(term, ctx, pause=(lambda p: setattr(taps, "paused", p)) if taps else None)
+    if cfg.refresh_method:
+        run.refresh = RefreshPart(cfg, model, ctx, scan)
+    injects = cfg.diversity_weight > 0 or wants_params or run.replay is not None
+    if injects and ctx.fp16:
+        ctx.require_trainer("to scale the injected gradients by the fp16 GradScaler's scale (fp16=True)")
+    return run
+
+
+def _previous_bases(cfg: SuppleConfig, objects: dict) -> dict[str, torch.Tensor]:
+    if cfg.decorrelation_cross_weight <= 0:
+        return {}
+    bases: dict[str, torch.Tensor] = {}
+    if cfg.previous_adapters:
+        bases.update(load_previous_subspaces(cfg.previous_adapters, cfg.previous_subspace_rank))
+    if objects.get("previous_subspaces"):
+        bases.update({k: v.float() for k, v in dict(objects["previous_subspaces"]).items()})
+    if not bases:
+        raise ValueError(
+            "SuppleConfig.decorrelation_cross_weight > 0 needs earlier stages' subspaces: set "
+            "previous_adapters (paths) or pass SuppleCallback(previous_subspaces=...)."
+        )
+    return bases
+
+
+def _move_to_front(trainer: Any, cb: SuppleCallback) -> int | None:
+    """Put ``cb`` first in the trainer's callback list, so its ``on_log`` runs before the reporting
+    integrations (they are registered before user callbacks). Replaces the list object, so an event being
+    dispatched right now finishes on the old order. Returns the old index (None if already first)."""
+    handler = trainer.callback_handler
+    order = list(handler.callbacks)
+    idx = next((i for i, c in enumerate(order) if c is cb), None)
+    if idx is None or idx == 0:
+        return None
+    handler.callbacks = [cb] + order[:idx] + order[idx + 1:]
+    return idx
