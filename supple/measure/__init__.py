@@ -8,9 +8,11 @@ update spectra and subspace overlap, checkpoint comparison (linear CKA per layer
 and the plasticity probe. Results are tidy records (plain dicts) that export to CSV / JSON.
 
 The metric math lives in :mod:`supple.regularizers.geometry` (pure torch) and
-:mod:`supple.measure.calibration`; nothing here imports transformers at module level.
+:mod:`supple.measure.calibration`; nothing here imports transformers at module level. Saved models and
+adapters are read by :mod:`supple.measure.adapters` only: local files, safetensors only, never a pickle.
 """
 
+from .adapters import PickleRefusedError, load_peft_adapter, read_adapter, refuse_pickles
 from .calibration import brier_score, expected_calibration_error, next_token_stats
 from .compare import cka_records, compare_checkpoints, compare_records
 from .core import RECORD_FIELDS, MeasureRun, collect, measure_model, run_records
@@ -25,6 +27,7 @@ __all__ = [
     "RECORD_FIELDS",
     "LoraFactors",
     "MeasureRun",
+    "PickleRefusedError",
     "adapter_overlap",
     "brier_score",
     "cka_records",
@@ -37,6 +40,7 @@ __all__ = [
     "find_lm_head",
     "load_builtin_corpus",
     "load_model",
+    "load_peft_adapter",
     "load_probe_task",
     "load_texts",
     "lora_factors",
@@ -45,7 +49,9 @@ __all__ = [
     "next_token_stats",
     "plasticity_probe",
     "plot_records",
+    "read_adapter",
     "read_records_json",
+    "refuse_pickles",
     "register_probe_task",
     "run_records",
     "unwrap_model",

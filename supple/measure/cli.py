@@ -8,7 +8,8 @@ import sys
 __all__ = ["add_parsers", "at_least", "cmd_measure", "cmd_probe", "positive_float"]
 
 _MODEL_HELP = (
-    "a local Hugging Face model directory, a PEFT adapter directory, or 'embedded' (SmolLM2-135M-Instruct)"
+    "a local Hugging Face model directory, a PEFT adapter directory, or 'embedded' (SmolLM2-135M-Instruct); "
+    "local files and safetensors weights only"
 )
 
 
