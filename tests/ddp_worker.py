@@ -1,12 +1,14 @@
 """Worker for tests/test_ddp.py: tiny-model SFT with every supple intervention on.
 
-Run as `torchrun --nproc_per_node 2 tests/ddp_worker.py OUT GA` (DDP, gloo on CPU) or
-`python tests/ddp_worker.py OUT GA` (one process). Saves the final trainable parameters to OUT/params.pt
-(rank 0 only) with safetensors.
+Run as `torchrun --nproc_per_node 2 tests/ddp_worker.py OUT GA METHOD` (DDP, gloo on CPU) or
+`python tests/ddp_worker.py OUT GA METHOD` (one process), METHOD a refresh_method. Every rank saves its
+final trainable parameters (and frozen MLP weights, which ReDo may rewrite) to OUT/params_rank{R}.safetensors,
+and rank 0 writes OUT/log.json with the supple/* log values.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -22,7 +24,7 @@ from tests._tiny import make_tiny_llama, make_tokenizer  # noqa: E402
 
 
 def main() -> None:
-    out, ga = sys.argv[1], int(sys.argv[2])
+    out, ga, method = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(1)
     tok = make_tokenizer()
     model = make_tiny_llama(tok, seed=0)
@@ -34,7 +36,7 @@ def main() -> None:
         diversity_weight=0.5, diversity_layers=[0, -1], diversity_max_tokens=24,
         decorrelation_weight=0.5, decorrelation_cross_weight=1.0,
         replay_data="builtin:pydoc", replay_every=2, replay_batch_size=2, replay_weight=0.3,
-        refresh_method="shrink_perturb", refresh_every=3, metrics_every=2,
+        refresh_method=method, refresh_every=3 if method != "redo" else 2, redo_threshold=0.6, metrics_every=2,
     )
     args = SFTConfig(
         output_dir=out, max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=ga,
@@ -45,9 +47,14 @@ def main() -> None:
     tr = SFTTrainer(model=model, args=args, train_dataset=sft_dataset(16), processing_class=tok,
                     peft_config=lora_config(), callbacks=[SuppleCallback(cfg, previous_subspaces=bases)])
     tr.train()
-    if tr.args.process_index == 0:
-        state = {n: p.detach().contiguous() for n, p in tr.model.named_parameters() if p.requires_grad}
-        save_file(state, os.path.join(out, "params.safetensors"))
+    rank = tr.args.process_index
+    state = {n: p.detach().contiguous() for n, p in tr.model.named_parameters() if p.requires_grad or ".mlp." in n}
+    os.makedirs(out, exist_ok=True)
+    save_file(state, os.path.join(out, f"params_rank{rank}.safetensors"))
+    if rank == 0:
+        logs = [{k: v for k, v in h.items() if k.startswith("supple/")} for h in tr.state.log_history if "loss" in h]
+        with open(os.path.join(out, "log.json"), "w") as fh:
+            json.dump(logs, fh)
 
 
 if __name__ == "__main__":
