@@ -1,16 +1,19 @@
-"""Shared helpers: tiny SFT/DPO runs, and reference trainers that add supple's terms to the loss by hand."""
+"""Shared helpers: tiny SFT/DPO runs, and reference trainers that add supple's terms to the loss by hand.
+
+The references are independent oracles: they find the decoder blocks, the real tokens, the token
+subsample and the LoRA A matrices from the tiny Llama's structure and the documented spec
+(docs/design.md), never through supple's block finder, token selector or LoRA walker.
+"""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import torch
 from datasets import Dataset
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
-
-from supple.callbacks import select_tokens, token_generator
-from supple.modeling import find_decoder_blocks, find_lora_modules, resolve_layer_indices
 
 from ._tiny import make_tiny_llama, make_tokenizer
 
@@ -56,6 +59,34 @@ def hand_cross(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return ((ah @ u) ** 2).sum() / a.shape[0]
 
 
+def llama_layers(model) -> torch.nn.ModuleList:
+    """The decoder blocks of the tiny Llama, plain (``model.model.layers``) or PEFT-wrapped."""
+    lm = model.base_model.model if hasattr(model, "peft_config") else model
+    return lm.model.layers
+
+
+def lora_a_matrices(model) -> dict[str, torch.Tensor]:
+    """``{base-model module name: A}`` of the default LoRA adapter, read off the PEFT modules directly."""
+    out = {}
+    for name, mod in model.named_modules():
+        la = getattr(mod, "lora_A", None)
+        if isinstance(la, torch.nn.ModuleDict) and "default" in la:
+            out[name.removeprefix("base_model.model.")] = la["default"].weight
+    return out
+
+
+def spec_token_subsample(real: torch.Tensor, max_tokens: int, seed: int, step: int, micro: int, layer: int):
+    """The documented subsample: a CPU generator seeded with blake2b("supple/seed/step/micro/layer"), a
+    random permutation of the real-token positions, its first ``max_tokens`` kept in sequence order."""
+    flat = real.reshape(-1).nonzero().flatten()
+    if flat.numel() <= max_tokens:
+        return flat
+    digest = hashlib.blake2b(f"supple/{seed}/{step}/{micro}/{layer}".encode(), digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    keep = torch.randperm(flat.numel(), generator=gen)[:max_tokens]
+    return flat[keep.sort().values]
+
+
 def _loss_scale(trainer, num_items_in_batch) -> float:
     """Factor making an added term contribute term/GA per micro-batch, whatever the trainer does to the loss."""
     scaled = trainer.loss_is_scaled_for_ga
@@ -78,8 +109,8 @@ def reference_class(base_cls, diversity_weight=0.0, layers=(-1,), intra_weight=0
             micro = micro + 1 if step == self.state.global_step else 0
             self._micro_step = (self.state.global_step, micro)
             captured = {}
-            _, blocks = find_decoder_blocks(model)
-            idxs = resolve_layer_indices(list(layers), len(blocks))
+            blocks = llama_layers(model)
+            idxs = [k % len(blocks) for k in layers]
             handles = []
             for k in idxs:
                 def hook(mod, args, out, k=k):
@@ -103,19 +134,17 @@ def reference_class(base_cls, diversity_weight=0.0, layers=(-1,), intra_weight=0
                     h = captured[k]
                     m = mask.bool() if mask is not None else torch.ones(h.shape[:2], dtype=torch.bool)
                     if max_tokens:
-                        gen = token_generator(self.args.seed, self.state.global_step, micro, k)
-                        idx = select_tokens(m, h.shape[0], h.shape[1], max_tokens, gen)
+                        idx = spec_token_subsample(m, max_tokens, self.args.seed, self.state.global_step, micro, k)
                         pens.append(hand_ipr(h.reshape(-1, h.shape[-1])[idx]))
                     else:
                         pens.append(hand_ipr(h[m]))
                 extra = extra + diversity_weight * torch.stack(pens).mean()
             if intra_weight or cross_weight:
-                mods = find_lora_modules(model)
+                mods = lora_a_matrices(model)
                 if intra_weight:
-                    extra = extra + intra_weight * torch.stack([hand_intra(r.lora_a) for r in mods]).mean()
+                    extra = extra + intra_weight * torch.stack([hand_intra(a) for a in mods.values()]).mean()
                 if cross_weight:
-                    with_b = [r for r in mods if r.name in bases]
-                    vals = [hand_cross(r.lora_a, bases[r.name]) for r in with_b]
+                    vals = [hand_cross(a, bases[n]) for n, a in mods.items() if n in bases]
                     extra = extra + cross_weight * torch.stack(vals).mean()
             loss = loss + c * extra
             return (loss, res[1]) if isinstance(res, tuple) else loss

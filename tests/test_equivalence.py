@@ -63,15 +63,15 @@ def test_all_terms_together_match_hand_written_loss(tmp_path, kind, ga):
     """Diversity on two blocks + intra + cross-stage decorrelation at once, with a previous subspace."""
     import torch
 
-    from supple.modeling import find_lora_modules
+    from ._runs import lora_a_matrices
 
     # a previous-stage subspace for every LoRA module: 3 random orthonormal directions
     probe = run(kind, lora=True, steps=1, out=tmp_path / "probe")
     gen = torch.Generator().manual_seed(1)
     bases = {}
-    for r in find_lora_modules(probe.model):
-        q, _ = torch.linalg.qr(torch.randn(r.lora_a.shape[1], 3, generator=gen))
-        bases[r.name] = q
+    for name, a in lora_a_matrices(probe.model).items():
+        q, _ = torch.linalg.qr(torch.randn(a.shape[1], 3, generator=gen))
+        bases[name] = q
     cfg = SuppleConfig(diversity_weight=0.5, diversity_layers=[0, 1], diversity_max_tokens=0,
                        decorrelation_weight=1.0, decorrelation_cross_weight=3.0)
     with_cb = run(kind, callbacks=[SuppleCallback(cfg, previous_subspaces=bases)], ga=ga, out=tmp_path / "cb")

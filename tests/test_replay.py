@@ -19,6 +19,25 @@ from ._tiny import make_tokenizer
 REPLAY_TEXTS = [f"the quick brown fox number {i} jumps over {i + 1} lazy dogs." for i in range(10)]
 
 
+def spec_replay_batch(texts, tok, max_length, seed, step, every, batch_size, device):
+    """The documented replay batch of optimizer step ``step``, built by hand: positions k·B … (k+1)·B − 1
+    (k = step // every) of the sequence of epochs, each epoch a random.Random("supple-replay/seed/epoch")
+    shuffle of the items; texts tokenized with special tokens, right-padded, labels -100 on padding."""
+    import random
+
+    k, n, rows = step // every, len(texts), []
+    for j in range(k * batch_size, (k + 1) * batch_size):
+        epoch, pos = divmod(j, n)
+        order = list(range(n))
+        random.Random(f"supple-replay/{seed}/{epoch}").shuffle(order)
+        rows.append(tok(texts[order[pos]], add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"])
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
 def replay_reference(base_cls, items, weight, every, batch_size, seed=0):
     class Reference(base_cls):
         _seen = -1
@@ -29,9 +48,8 @@ def replay_reference(base_cls, items, weight, every, batch_size, seed=0):
             step = self.state.global_step
             if step != self._seen and step % every == 0:  # first micro-batch of a replay step
                 self._seen = step
-                term = ReplayTerm(items, weight, every, batch_size, seed)
-                term.setup(self.processing_class, self.args.max_length)
-                batch, _ = term.make_batch(step, loss.device)
+                batch = spec_replay_batch(items, self.processing_class, self.args.max_length, seed, step, every,
+                                          batch_size, loss.device)
                 replay = model(**batch, use_cache=False).loss
                 scaled = self.loss_is_scaled_for_ga
                 if scaled is None:

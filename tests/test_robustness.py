@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 from trl import DPOTrainer, SFTTrainer
 
 import supple.callbacks.diversity as diversity_mod
@@ -113,16 +114,23 @@ BAD_TRAIN_BEGIN = [
 ]
 
 
+class _Steps(TrainerCallback):
+    steps = 0
+
+    def on_step_begin(self, *args, **kwargs):
+        self.steps += 1
+
+
 @pytest.mark.parametrize("label,make_cb,opts,exc,match", BAD_TRAIN_BEGIN, ids=[c[0] for c in BAD_TRAIN_BEGIN])
 def test_bad_input_fails_before_the_first_step(tmp_path, label, make_cb, opts, exc, match):
-    cb = make_cb(tmp_path)
+    cb, steps = make_cb(tmp_path), _Steps()
     model = make_tiny_llama(**opts.get("model_kw", {}))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(exc, match=match):
-        run("sft", model=model, lora=opts.get("lora", True), callbacks=[cb], out=tmp_path / "run")
-    for n, p in model.named_parameters():  # nothing was trained
-        if n in before:
-            assert torch.equal(p.detach(), before[n]), n
+        run("sft", model=model, lora=opts.get("lora", True), callbacks=[cb, steps], out=tmp_path / "run")
+    assert steps.steps == 0  # no optimizer step began
+    supple_hooks = [h for m in model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+                    if str(getattr(h, "__module__", "")).startswith("supple")]
+    assert supple_hooks == []
 
 
 def test_callback_passed_twice_fails_before_the_first_step(tmp_path):
