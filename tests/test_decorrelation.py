@@ -120,3 +120,44 @@ def test_cross_stage_term_keeps_new_adapter_out_of_old_subspace(stage1, tmp_path
     loss_on = [h["loss"] for h in on.state.log_history if "loss" in h][-5:]
     # stated tolerance: the mean of the last five logged losses within 10 % of the run without the term
     assert abs(sum(loss_on) - sum(loss_off)) / sum(loss_off) < 0.10, (loss_on, loss_off)
+
+
+def test_same_seed_stage_warns_that_the_adapter_starts_in_the_old_subspace(stage1, tmp_path):
+    """PEFT initializes LoRA A from the seed: stage 2 with stage 1's seed starts inside its subspace."""
+    import warnings
+
+    _, adapter = stage1
+    cfg = SuppleConfig(decorrelation_cross_weight=1.0, previous_adapters=[str(adapter)])
+    with pytest.warns(UserWarning, match="different seed per stage") as rec:
+        same = run("sft", seed=0, steps=1, callbacks=[SuppleCallback(cfg)], out=tmp_path / "same")
+    assert any("cross overlap" in str(w.message) for w in rec)
+    assert same.state.log_history[0]["supple/cross_overlap"] > 0.5
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        other = run("sft", seed=1, steps=1, callbacks=[SuppleCallback(cfg)], out=tmp_path / "other")
+    assert not [w for w in caught if "different seed per stage" in str(w.message)]
+    assert other.state.log_history[0]["supple/cross_overlap"] < 0.5
+
+
+def test_adalora_is_refused_at_train_begin(tmp_path):
+    from peft import AdaLoraConfig, get_peft_model
+
+    model = get_peft_model(make_tiny_llama(), AdaLoraConfig(init_r=4, target_r=2, total_step=10,
+                                                            target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match=r"does not support AdaLoRA.*ParameterDict"):
+        run("sft", model=model, lora=False, callbacks=[SuppleCallback(SuppleConfig(decorrelation_weight=0.1))],
+            out=tmp_path)
+
+
+def test_lora_on_embeddings_is_reported_not_skipped_silently(tmp_path, monkeypatch):
+    from peft import LoraConfig
+
+    import tests._runs as runs
+
+    monkeypatch.setattr(runs, "lora_config", lambda: LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], lora_dropout=0.0))
+    with pytest.warns(UserWarning, match=r"left out: model\.embed_tokens \(LoRA on an embedding\)"):
+        tr = run("sft", callbacks=[SuppleCallback(SuppleConfig(decorrelation_weight=0.1))], out=tmp_path / "a")
+    assert all("supple/decorrelation" in h for h in tr.state.log_history if "loss" in h)
+    with pytest.raises(ValueError, match=r"relora.*cannot merge model\.embed_tokens \(LoRA on an embedding\)"):
+        run("sft", callbacks=[SuppleCallback(SuppleConfig(refresh_method="relora"))], out=tmp_path / "b")

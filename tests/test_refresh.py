@@ -164,3 +164,29 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
     sa, sb = trainable_state(full), trainable_state(resumed)
     assert max_abs_diff(sa, sb) < 1e-6
+
+
+def test_relora_merge_keeps_the_function_of_a_dora_adapter():
+    from peft import LoraConfig
+
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.0,
+                     use_dora=True)
+    model = get_peft_model(make_tiny_llama(), cfg)
+    mods = find_lora_modules(model)
+    assert mods and all(r.magnitude is not None for r in mods)
+    ids = torch.randint(4, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for _ in range(3):  # move B, A and the magnitudes away from their initial values
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    relora_(mods, opt, refresh_generator(0, 1, "relora"))
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
+    for r in mods:
+        assert torch.count_nonzero(r.lora_b) == 0
+        assert torch.count_nonzero(opt.state[r.magnitude]["exp_avg"]) == 0
