@@ -1,6 +1,7 @@
 """Input subspaces of earlier post-training stages, for the cross-stage LoRA decorrelation term.
 
-Two sources, both read with safetensors only (never pickle):
+Two sources, both read with safetensors only (never pickle); PEFT adapter directories go through the one
+adapter reader, :func:`supple.measure.adapters.read_adapter`:
 - a saved PEFT LoRA adapter directory (``adapter_model.safetensors``): per module, the right singular
   vectors of ΔW = B·A with non-negligible singular values;
 - a subspace file written by :func:`capture_update_subspace` after a merged (or full fine-tuning) stage:
@@ -9,7 +10,6 @@ Two sources, both read with safetensors only (never pickle):
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -107,6 +107,36 @@ def _adapter_bases(tensors: dict[str, torch.Tensor], scaling: float) -> dict[str
     return bases
 
 
+def _read_adapter_bases(p: Path, raw: str) -> dict[str, torch.Tensor]:
+    """Bases of a saved PEFT adapter directory, read by the one adapter reader (supple.measure.adapters)."""
+    from ..measure.adapters import read_adapter
+
+    files = read_adapter(p, what=f"SuppleConfig.previous_adapters: {raw!r}:")
+    cfg = files.config
+    r, alpha = cfg.get("r") or 1, cfg.get("lora_alpha") or 1
+    scaling = alpha / (r**0.5) if cfg.get("use_rslora") else alpha / r  # the basis does not depend on it
+    bases = _adapter_bases(files.tensors, scaling)
+    if not bases:
+        raise ValueError(f"SuppleConfig.previous_adapters: {raw!r} holds no LoRA A/B pairs with a non-zero update.")
+    return bases
+
+
+def _subspace_file(p: Path, raw: str) -> Path:
+    """The safetensors file of a subspace directory or path; pickles are refused before anything is read."""
+    from ..measure.adapters import refuse_pickles
+
+    what = "SuppleConfig.previous_adapters:"
+    refuse_pickles(p, what=f"{what} {raw!r}:")
+    if p.is_dir():
+        for name in ("supple_subspace.safetensors", "adapter_model.safetensors"):
+            if (p / name).exists():
+                return p / name
+        raise FileNotFoundError(f"{what} {raw!r} has no adapter_model.safetensors or supple_subspace.safetensors.")
+    if p.suffix != ".safetensors":
+        raise ValueError(f"{what} {raw!r} is not a .safetensors file; supple never unpickles user files.")
+    return p
+
+
 def load_previous_subspaces(paths: list[str], max_rank: int = 0) -> dict[str, torch.Tensor]:
     """Union of the earlier stages' input subspaces per module, orthonormalized: ``{name: U (d_in × k)}``.
 
@@ -114,50 +144,24 @@ def load_previous_subspaces(paths: list[str], max_rank: int = 0) -> dict[str, to
     ``.safetensors`` file. Pickled checkpoints (``adapter_model.bin``) are refused.
     """
     merged: dict[str, list[torch.Tensor]] = {}
+    what = "SuppleConfig.previous_adapters:"
     for raw in paths:
         p = Path(raw)
         if not p.exists():
-            raise FileNotFoundError(f"SuppleConfig.previous_adapters: {raw!r} does not exist.")
-        scaling = 1.0
-        if p.is_dir():
-            if (p / "adapter_model.safetensors").exists():
-                f = p / "adapter_model.safetensors"
-                cfg_path = p / "adapter_config.json"
-                if cfg_path.exists():
-                    cfg = json.loads(cfg_path.read_text())
-                    r, alpha = cfg.get("r") or 1, cfg.get("lora_alpha") or 1
-                    scaling = alpha / (r**0.5) if cfg.get("use_rslora") else alpha / r
-            elif (p / "supple_subspace.safetensors").exists():
-                f = p / "supple_subspace.safetensors"
-            elif any(p.glob("*.bin")) or any(p.glob("*.pt")):
-                raise ValueError(
-                    f"SuppleConfig.previous_adapters: {raw!r} holds only pickled weights; supple reads "
-                    "safetensors only (save the adapter with `save_pretrained(..., safe_serialization=True)`)."
-                )
+            raise FileNotFoundError(f"{what} {raw!r} does not exist.")
+        bases = _read_adapter_bases(p, raw) if p.is_dir() and (p / "adapter_config.json").is_file() else None
+        if bases is None:
+            f = _subspace_file(p, raw)
+            try:
+                tensors, meta = _load_safetensors(f)
+            except Exception as exc:
+                raise ValueError(f"{what} could not read {str(f)!r} as safetensors: {exc}") from exc
+            if meta.get("format") == SUBSPACE_FORMAT:
+                bases = {normalize_module_name(k): v.float() for k, v in tensors.items()}
             else:
-                raise FileNotFoundError(
-                    f"SuppleConfig.previous_adapters: {raw!r} has no adapter_model.safetensors or "
-                    "supple_subspace.safetensors."
-                )
-        else:
-            if p.suffix != ".safetensors":
-                raise ValueError(
-                    f"SuppleConfig.previous_adapters: {raw!r} is not a .safetensors file; supple never "
-                    "unpickles user files."
-                )
-            f = p
-        try:
-            tensors, meta = _load_safetensors(f)
-        except Exception as exc:
-            raise ValueError(f"SuppleConfig.previous_adapters: could not read {str(f)!r} as safetensors: {exc}") from exc
-        if meta.get("format") == SUBSPACE_FORMAT:
-            bases = {normalize_module_name(k): v.float() for k, v in tensors.items()}
-        else:
-            bases = _adapter_bases(tensors, scaling)
+                bases = _adapter_bases(tensors, 1.0)
             if not bases:
-                raise ValueError(
-                    f"SuppleConfig.previous_adapters: {str(f)!r} holds no LoRA A/B pairs with a non-zero update."
-                )
+                raise ValueError(f"{what} {str(f)!r} holds no LoRA A/B pairs with a non-zero update.")
         for name, u in bases.items():
             merged.setdefault(name, []).append(u)
     out = {}
