@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import random
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,7 +125,7 @@ class ReplayPart:
         pause: called with True/False around the replay pass (the diversity taps must not see it).
     """
 
-    def __init__(self, term: ReplayTerm, ctx: TrainingContext, pause=None) -> None:
+    def __init__(self, term: ReplayTerm, ctx: TrainingContext, pause: Callable[[bool], None] | None = None) -> None:
         if ctx.world_size > 1:
             ctx.require_trainer("to run replay under DDP (its wrapped model and no_sync)")
         if getattr(ctx.trainer, "is_deepspeed_enabled", False):
