@@ -85,7 +85,7 @@ def test_answers_and_checkers():
     assert ex.answer == "Tuesday"
     assert kn.check_answer(ex, "The day after Monday is tuesday.")
     assert not kn.check_answer(ex, "The day after Monday is Friday.")
-    assert T.get_family("domain_a") is ar and T.get_family("probe") is nw
+    assert T.get_family("domain_a") is ar and T.get_family("probe") is T.FAMILIES["reverse_words"]
     with pytest.raises(ValueError, match="unknown task family"):
         T.get_family("nope")
 
@@ -211,10 +211,12 @@ def test_demo_cli_tiny_end_to_end(tmp_path, capsys):
     from supple.cli import main
 
     out = tmp_path / "demo"
-    rc = main(["demo", "--model", "tiny", "--preset", "smoke", "--seeds", "2", "--out", str(out), "--no-progress"])
+    rc = main(["demo", "--model", "tiny", "--preset", "smoke", "--lora", "--seeds", "2", "--out", str(out),
+               "--no-progress"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "probe final" in printed and "sft2" in printed
+    assert "recovered" in printed and "sft2" in printed and "plan:" in printed
+    assert "too short" in printed  # a short preset says it cannot show the effect
     arms = ["baseline", "supple"]
     res = _check_outputs(out, [0, 1], arms, ["sft", "dpo", "sft2"])
     # same seeds, same data: the arms start from the same base measurements
@@ -236,7 +238,7 @@ def test_demo_grpo_stage_tiny(tmp_path):
     """`supple demo --stages sft,dpo,grpo`: outcome-reward RL on the checked answers, both arms."""
     budget = PRESETS["smoke"]
     res = run_demo(DemoConfig(model="tiny", budget=budget, stages="sft,dpo,grpo", seeds=[0], out=str(tmp_path),
-                              progress=False))
+                              progress=False, lora=True))
     _check_outputs(tmp_path, [0], ["baseline", "supple"], ["sft", "dpo", "grpo"])
     grpo = [r for r in res["records"] if r["stage"] == "grpo"]
     assert len(grpo) == 2 and all("reward_final" in r["train"] for r in grpo)
@@ -272,7 +274,7 @@ def test_stage_registry_is_extensible(tmp_path, monkeypatch):
     monkeypatch.setitem(P.STAGE_KINDS, "noop", P.StageKind("noop", run_noop, "domain_b"))
     res = run_demo(DemoConfig(model="tiny", budget=P.budget_with(PRESETS["smoke"], steps={"noop": 1}),
                               stages="noop", seeds=[0], arms=["baseline"], out=None, progress=False))
-    assert seen == [("noop", "sorting", True)]
+    assert seen == [("noop", "sorting", False)]
     assert [r["stage"] for r in res["records"]] == ["base", "noop"]
 
 

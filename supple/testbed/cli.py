@@ -7,6 +7,8 @@ import ast
 import shlex
 import sys
 
+from .settings import ABLATION_ARMS, ARMS, MAIN_ARMS
+
 __all__ = ["add_parsers", "cmd_demo"]
 
 
@@ -49,10 +51,19 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--seeds", type=int, default=None, help="number of training seeds (default: the preset's)")
     p.add_argument("--seed-offset", type=int, default=0, help="first training seed (default 0)")
     ft = p.add_mutually_exclusive_group()
-    ft.add_argument("--lora", dest="lora", action="store_true", default=True,
-                    help="LoRA stages, each merged before the next (default)")
-    ft.add_argument("--full-ft", dest="lora", action="store_false", help="full fine-tuning stages")
-    p.add_argument("--arms", default="baseline,supple", help="comma-separated arms to run (default baseline,supple)")
+    ft.add_argument("--full-ft", dest="lora", action="store_false", default=False,
+                    help="full fine-tuning stages (default: the regime where the baseline measurably loses plasticity)")
+    ft.add_argument("--lora", dest="lora", action="store_true",
+                    help="LoRA stages, each merged before the next (LoRA r16 at CPU budgets shows no loss of plasticity)")
+    arms = p.add_mutually_exclusive_group()
+    arms.add_argument("--arms", default=None,
+                      help=f"comma-separated arms to run (default baseline,supple); available: {', '.join(ARMS)}")
+    arms.add_argument("--ablation", action="store_true",
+                      help="run every arm: the baseline, each intervention alone, the supple default and the "
+                      "L2-anchor yardstick (" + ", ".join(ABLATION_ARMS) + ")")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes running (seed, arm) jobs in parallel, one torch thread each (default: the idle "
+                   "CPU cores, at most 4; 1 on a GPU)")
     p.add_argument("--steps", type=_key_value, action="append", default=[], metavar="STAGE=N",
                    help="override a stage's steps, e.g. --steps sft=60 --steps dpo=30 (repeatable)")
     p.add_argument("--supple", type=_key_value, action="append", default=[], metavar="FIELD=VALUE",
@@ -62,53 +73,88 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the idle cores, from the load average; on a shared machine more "
                    "threads than idle cores slow every step down many times)")
+    p.add_argument("--save-models", metavar="DIR", default=None,
+                   help="keep every arm's merged checkpoint after every stage as safetensors under "
+                   "DIR/seedS/ARM/STAGE (about 0.5 GB each for SmolLM2-135M), e.g. for `supple probe`")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the (seed, arm) jobs that a previous run into the same --out with the same settings "
+                   "finished (kept in OUT/jobs.jsonl as each job ends) and run only the rest")
     p.add_argument("--keep-workdir", action="store_true", help="keep the temporary work directory (trainer outputs, replay corpus file)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 
 
+def _default_workers(model: str) -> int:
+    import torch
+
+    from .pipeline import auto_threads
+
+    if torch.cuda.is_available() or model == "tiny":
+        return 1
+    return max(1, min(4, auto_threads()))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .pipeline import PRESETS, DemoConfig, budget_with, run_demo
     from .report import format_table
+    from .verdict import format_verdict
 
     budget = PRESETS[args.preset]
     steps = {}
     for key, value in args.steps:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SystemExit(f"supple demo: --steps {key}={value!r}: expected a positive integer")
+            raise SystemExit(f"supple demo: error: --steps {key}={value!r}: expected a positive integer")
         steps[key] = value
     if steps:
         budget = budget_with(budget, steps=steps)
     n_seeds = args.seeds if args.seeds is not None else budget.seeds
     if n_seeds < 1:
-        raise SystemExit("supple demo: --seeds must be >= 1")
+        raise SystemExit("supple demo: error: --seeds must be >= 1")
+    if args.workers is not None and args.workers < 1:
+        raise SystemExit("supple demo: error: --workers must be >= 1")
+    arm_list = (list(ABLATION_ARMS) if args.ablation else
+                [a.strip() for a in (args.arms or ",".join(MAIN_ARMS)).split(",") if a.strip()])
+    unknown = [a for a in arm_list if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"supple demo: error: unknown arm {unknown[0]!r}: use {', '.join(ARMS)}")
+    workers = args.workers or _default_workers(args.model)
     cfg = DemoConfig(
         model=args.model,
         budget=budget,
         stages=args.stages,
         seeds=list(range(args.seed_offset, args.seed_offset + n_seeds)),
-        arms=[a.strip() for a in args.arms.split(",") if a.strip()],
+        arms=arm_list,
+        workers=workers,
+        announce=lambda line: print(f"supple demo: {line}", flush=True),
         lora=args.lora,
         supple_overrides=dict(args.supple),
         out=args.out,
         progress=not args.no_progress,
         keep_workdir=args.keep_workdir,
         threads=args.threads,
+        save_models=args.save_models,
+        resume=args.resume,
         command="supple " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["demo"] else None,
     )
     from .embedded import EmbeddedModelMissing
 
     if args.threads is not None and args.threads < 1:
-        raise SystemExit("supple demo: --threads must be >= 1")
+        raise SystemExit("supple demo: error: --threads must be >= 1")
+    if args.preset in ("quick", "smoke"):
+        print(f"supple demo: --{args.preset} is a first look at the outputs: its stages are too short for the baseline "
+              "to lose plasticity, so it cannot show the problem or its cure (run without --quick for that)",
+              flush=True)
     try:
         results = run_demo(cfg)
     except (ValueError, FileNotFoundError, EmbeddedModelMissing) as exc:
-        raise SystemExit(f"supple demo: {exc}") from exc
+        raise SystemExit(f"supple demo: error: {exc}") from exc
     meta = results["meta"]
     print()
     print(f"supple demo · {meta['model']} · {'LoRA' if meta['lora'] else 'full fine-tuning'} · "
           f"stages {' -> '.join(s['name'] for s in meta['stages'])} · seeds {meta['seeds']} · "
           f"{meta['total_s'] / 60:.1f} min")
+    print(format_verdict(results))
+    print()
     print(format_table(results))
     for note in meta.get("notes", []):
         print(f"note: {note}")

@@ -45,14 +45,16 @@ def load_testbed_model(spec: str):
 
 
 # ------------------------------------------------------------------------------------------- evaluation
-def probe_texts(family: str, n_train: int, n_eval: int, seed: int) -> tuple[list[str], list[str]]:
-    """Plain-text items "QUESTION\\nAnswer: ANSWER" of the probe family (held-out eval, seeded train)."""
+def probe_texts(family: str, n_train: int, n_eval: int, seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Probe items of a family as ``(prompt, completion)`` pairs, ``("QUESTION\\nAnswer:", " ANSWER")``: the
+    probe's loss covers the answer's tokens only (the question is unpredictable and would dominate the loss).
+    The held-out items are the family's fixed evaluation stream; the training items are drawn with ``seed``."""
     fam = T.get_family(family)
 
-    def fmt(ex):
-        return f"{ex.question}\nAnswer: {ex.answer}"
+    def pair(ex):
+        return f"{ex.question}\nAnswer:", f" {ex.answer}"
 
-    return [fmt(e) for e in fam.train_examples(n_train, seed, split="probe")], [fmt(e) for e in fam.eval_examples(n_eval)]
+    return [pair(e) for e in fam.train_examples(n_train, seed, split="probe")], [pair(e) for e in fam.eval_examples(n_eval)]
 
 
 def _render(tok, msgs, add_generation_prompt: bool) -> str:
@@ -174,11 +176,42 @@ def geometry_metrics(model, tok, texts: Sequence[str], max_tokens: int, max_leng
     return out
 
 
+_PROBE_KEYS = ("start_loss", "final_loss", "improvement", "relative_improvement", "area", "train_area")
+
+
+def probe_summary(model, tok, family: str, budget: Budget, name: str) -> dict:
+    """The plasticity probe on ``family``, once per probe seed ``0 .. budget.probe_seeds - 1``.
+
+    The probe seeds fix the fresh LoRA's initialization, the batch order and the training items, and are the
+    same for every checkpoint (so probes of two arms or stages are paired). Returns the mean over probe seeds
+    of each scalar (``final_loss``, ...), the per-seed values (``per_seed``), the probe's own noise
+    (``final_loss_spread``: max − min over probe seeds) and the mean held-out curve."""
+    from supple.measure.probe import plasticity_probe
+
+    runs = []
+    for ps in range(budget.probe_seeds):
+        train, held = probe_texts(family, budget.probe_steps * budget.probe_batch, budget.probe_eval, ps)
+        runs.append(plasticity_probe(
+            model, tok, train, held, steps=budget.probe_steps, lr=budget.probe_lr, rank=budget.probe_rank,
+            alpha=2.0 * budget.probe_rank, batch_size=budget.probe_batch, seed=ps,
+            eval_every=budget.probe_eval_every, name=f"{name} {family}", progress=False,
+        ))
+    out: dict[str, Any] = {"family": family, "seeds": list(range(budget.probe_seeds))}
+    for k in _PROBE_KEYS:
+        out[k] = sum(r[k] for r in runs) / len(runs)
+    out["per_seed"] = {k: [r[k] for r in runs] for k in ("start_loss", "final_loss")}
+    out["final_loss_spread"] = max(out["per_seed"]["final_loss"]) - min(out["per_seed"]["final_loss"])
+    out["eval_steps"] = runs[0]["eval_steps"]
+    out["eval_loss"] = [sum(c) / len(c) for c in zip(*(r["eval_loss"] for r in runs))]
+    out["train_loss"] = [sum(c) / len(c) for c in zip(*(r["train_loss"] for r in runs))]
+    return out
+
+
 @dataclass
 class EvalPlan:
     families: list[str]  # in-domain families (every stage's), then the OOD family last
     ood: str
-    probe_family: str
+    probe_families: list[str]  # the first is the primary probe (``record["probe"]``)
     geometry_texts: list[str]
 
 
@@ -188,7 +221,6 @@ def evaluate(model, tok, plan: EvalPlan, budget: Budget, seed: int, name: str, p
     import torch
 
     from supple.measure.calibration import expected_calibration_error
-    from supple.measure.probe import plasticity_probe
 
     tick = tick or (lambda n: None)
     out: dict[str, Any] = {}
@@ -209,14 +241,10 @@ def evaluate(model, tok, plan: EvalPlan, budget: Budget, seed: int, name: str, p
         out["tasks"] = tasks
         out["ece"] = float(expected_calibration_error(torch.cat(confs), torch.cat(corrs))) if confs else float("nan")
     if "probe" in parts:
-        train, held = probe_texts(plan.probe_family, budget.probe_steps * budget.probe_batch, budget.probe_eval, seed)
-        res = plasticity_probe(
-            model, tok, train, held, steps=budget.probe_steps, lr=budget.probe_lr, rank=budget.probe_rank,
-            alpha=2.0 * budget.probe_rank, batch_size=budget.probe_batch, seed=seed,
-            eval_every=budget.probe_eval_every, name=name, progress=False,
-        )
-        out["probe"] = {k: res[k] for k in ("start_loss", "final_loss", "improvement", "relative_improvement",
-                                            "area", "train_area", "eval_steps", "eval_loss", "train_loss")}
-        tick(budget.probe_steps)
+        out["probes"] = {}
+        for fam in plan.probe_families:
+            out["probes"][fam] = probe_summary(model, tok, fam, budget, name)
+            tick(budget.probe_steps * budget.probe_seeds)
+        out["probe"] = out["probes"][plan.probe_families[0]]
     out["eval_s"] = time.perf_counter() - t0
     return out

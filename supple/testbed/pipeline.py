@@ -23,8 +23,6 @@ supple arm's callback, measurements and reporting. An outcome-reward stage (GRPO
 from __future__ import annotations
 
 import contextlib
-import copy
-import gc
 import json
 import math
 import os
@@ -33,7 +31,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from . import tasks as T
@@ -46,7 +44,9 @@ from .evaluation import (
     probe_texts,
     task_metrics,
 )
+from .runner import _record
 from .settings import (
+    ARM_TABLE,
     ARMS,
     PRESETS,
     SUPPLE_ARM_DEFAULTS,
@@ -60,7 +60,6 @@ from .stages import (
     StageKind,
     StageOutcome,
     _supple_callback_class,
-    _unpatch_forward,
     lora_input_subspaces,
     parse_stages,
     register_stage_kind,
@@ -107,13 +106,17 @@ class DemoConfig:
     stages: str = "sft,dpo,sft2"
     seeds: Sequence[int] = (0, 1)
     arms: Sequence[str] = ARMS
-    lora: bool = True
+    lora: bool = False  # full fine-tuning (the regime where the baseline loses plasticity); True: LoRA stages
     supple_overrides: dict = field(default_factory=dict)
     out: str | None = "supple-demo"
     progress: bool = True
     keep_workdir: bool = False
     command: str | None = None
-    threads: int | None = None  # torch CPU threads; None = auto_threads() (1 for the tiny model)
+    threads: int | None = None  # torch threads per process; None = auto_threads() (1 for the tiny model or workers)
+    workers: int = 1  # processes running (seed, arm) jobs in parallel
+    resume: bool = False  # reuse the jobs a previous run with the same settings finished (``out``/jobs.jsonl)
+    announce: Any = None  # a function printing one line: the plan, before the run starts
+    save_models: str | None = None  # keep every arm's merged checkpoint after every stage (safetensors) here
 
 
 def auto_threads() -> int:
@@ -136,18 +139,7 @@ def auto_threads() -> int:
 
 
 def _eval_units(budget: Budget, plan: EvalPlan) -> int:
-    return 1 + len(plan.families) + budget.probe_steps
-
-
-def _progress_callback(bar):
-    from transformers import TrainerCallback
-
-    class _Tick(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            bar.update(1)
-            return control
-
-    return _Tick()
+    return 1 + len(plan.families) + budget.probe_steps * budget.probe_seeds * len(plan.probe_families)
 
 
 @contextlib.contextmanager
@@ -174,34 +166,30 @@ def _quiet():
             datasets.utils.logging.enable_progress_bar()
 
 
-def _strip_records(ev: dict) -> dict:
-    """An evaluation without the bulky tidy measurement rows (kept separately)."""
-    ev = dict(ev)
-    if "geometry" in ev:
-        ev["geometry"] = {k: v for k, v in ev["geometry"].items() if k != "records"}
-    return ev
-
-
 def run_demo(cfg: DemoConfig) -> dict:
-    """Run every (seed, arm) through the stages; returns the results dict (also written to ``cfg.out``)."""
+    """Run the base model's measurements and every (seed, arm) through the stages (in ``cfg.workers`` processes);
+    returns the results dict (also written to ``cfg.out``)."""
     import torch
     from tqdm.auto import tqdm
-    from transformers import set_seed
 
     from supple.measure.corpus import load_builtin_corpus
+
+    from .runner import Job, JobSetup, run_jobs
 
     t_start = time.perf_counter()
     budget = cfg.budget
     stages = parse_stages(cfg.stages, budget, cfg.lora)
-    arms = list(cfg.arms)
+    arms = list(dict.fromkeys(cfg.arms))
     for a in arms:
-        if a not in ARMS:
-            raise ValueError(f"unknown arm {a!r}: use {', '.join(ARMS)}")
+        if a not in ARM_TABLE:
+            raise ValueError(f"unknown arm {a!r}: use {', '.join(ARM_TABLE)}")
     notes: list[str] = []
-    callback_cls = _supple_callback_class()
-    if "supple" in arms and callback_cls is None:
-        arms.remove("supple")
-        notes.append("supple arm skipped: supple.SuppleCallback is not available in this installation")
+    if not cfg.lora:
+        for a in [a for a in arms if ARM_TABLE[a].lora_only]:
+            arms.remove(a)
+            notes.append(f"arm {a!r} skipped: it needs LoRA stages (run with --lora)")
+    if any(ARM_TABLE[a].supple is not None for a in arms) and _supple_callback_class() is None:
+        raise ValueError("supple.SuppleCallback is not available in this installation")
     if "supple" in arms:  # fail early on bad overrides
         supple_arm_config(1, ["x"], cfg.lora, cfg.supple_overrides)
 
@@ -209,108 +197,69 @@ def run_demo(cfg: DemoConfig) -> dict:
     plan = EvalPlan(
         families=[*fams, T.ROLES["ood"]],
         ood=T.ROLES["ood"],
-        probe_family=T.ROLES["probe"],
+        probe_families=list(T.PROBE_FAMILIES),
         geometry_texts=load_builtin_corpus("pydoc", max_chars=1200, limit=budget.geometry_texts),
     )
     threads = torch.get_num_threads()
-    run_threads = cfg.threads or (1 if cfg.model == "tiny" else auto_threads())
+    workers = max(1, min(cfg.workers or 1, len(cfg.seeds) * len(arms) + 1))
+    run_threads = cfg.threads or (1 if cfg.model == "tiny" or workers > 1 else auto_threads())
     torch.set_num_threads(run_threads)
-    t_load = time.perf_counter()
-    with _quiet():
-        base_model, tok, model_name = load_testbed_model(cfg.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base_model.to(device)
-    load_s = time.perf_counter() - t_load
-
+    workdir = tempfile.mkdtemp(prefix="supple-demo-")
     arm_overrides = dict(cfg.supple_overrides)
     replay_note = None
-    builtin_replay = "supple" in arms and {**SUPPLE_ARM_DEFAULTS, **arm_overrides}.get("replay_data") == "builtin:pydoc"
-    units_eval = _eval_units(budget, plan)
-    # base: geometry and tasks once (seed-independent), the probe per seed
-    total = (1 + len(plan.families)) + len(cfg.seeds) * (
-        budget.probe_steps + len(arms) * sum(s.steps + units_eval for s in stages)
-    )
-    bar = tqdm(total=total, desc="supple demo", unit="step", disable=not cfg.progress, dynamic_ncols=True)
-    workdir = tempfile.mkdtemp(prefix="supple-demo-")
-    if builtin_replay:
+    if any({**(ARM_TABLE[a].supple or {}), **(arm_overrides if a == "supple" else {})}.get("replay_data")
+           == "builtin:pydoc" for a in arms):
         # replay builtin:pydoc without the paragraphs the general-text geometry is measured on (no leakage)
         corpus = load_builtin_corpus("pydoc")[len(plan.geometry_texts) :]
-        arm_overrides["replay_data"] = os.path.join(workdir, "replay_pydoc.txt")
-        with open(arm_overrides["replay_data"], "w", encoding="utf-8") as fh:
+        arm_overrides["_replay_file"] = os.path.join(workdir, "replay_pydoc.txt")
+        with open(arm_overrides["_replay_file"], "w", encoding="utf-8") as fh:
             fh.write("\n\n".join(corpus) + "\n")
         replay_note = (f"replay corpus: builtin:pydoc without its first {len(plan.geometry_texts)} paragraphs "
                        f"(the general-text measurement texts), {len(corpus)} paragraphs")
-    records: list[dict] = []
-    measure_rows: list[dict] = []
-    supple_configs: dict[str, dict] = {}
+    units_eval = _eval_units(budget, plan)
+    # the base model is measured once (seed-independent); every (seed, arm) trains and measures each stage
+    total = units_eval + len(cfg.seeds) * len(arms) * sum(s.steps + units_eval for s in stages)
+    # the baseline of every seed first: it says early whether there is a problem to solve
+    jobs = [Job(None, None)] + [Job(seed, "baseline") for seed in cfg.seeds if "baseline" in arms]
+    jobs += [Job(seed, arm) for arm in arms if arm != "baseline" for seed in cfg.seeds]
+    setup = JobSetup(cfg=replace(cfg, announce=None), stages=stages, plan=plan, workdir=workdir, arm_overrides=arm_overrides,
+                     replay_note=replay_note)
+    journal = _Journal(cfg, stages)
+    done = journal.load() if cfg.resume else {}
+    todo = [j for j in jobs if (j.seed, j.arm) not in done]
+    total -= sum(units_eval if j.seed is None else sum(s.steps + units_eval for s in stages)
+                 for j in jobs if (j.seed, j.arm) in done)
+    if cfg.announce:
+        cfg.announce(f"plan: {len(arms)} arm(s) [{', '.join(arms)}] x {len(cfg.seeds)} training seed(s) "
+                     f"{list(cfg.seeds)} x stages {' -> '.join(f'{s.name} ({s.steps} steps)' for s in stages)}, "
+                     f"{'LoRA' if cfg.lora else 'full fine-tuning'}; probe {budget.probe_steps} steps on "
+                     f"{', '.join(plan.probe_families)} x {budget.probe_seeds} probe seeds; {budget.n_eval} held-out "
+                     f"items per family; device {device}, {workers} worker process(es) x {run_threads} torch "
+                     f"thread(s)")
+    bar = tqdm(total=total, desc="supple demo", unit="step", disable=not cfg.progress, dynamic_ncols=True)
     try:
         with _quiet():
-            base_shared: dict | None = None
-            for seed in cfg.seeds:
-                bar.set_description(f"seed {seed} base")
-                if base_shared is None:
-                    base_shared = evaluate(base_model, tok, plan, budget, seed, "base", parts=("geometry", "tasks"),
-                                           tick=bar.update)
-                    measure_rows += [dict(r, model="base", seed=None, arm=None, stage="base")
-                                     for r in base_shared["geometry"]["records"]]
-                probe_ev = evaluate(base_model, tok, plan, budget, seed, "base", parts=("probe",), tick=bar.update)
-                base_ev = {**_strip_records(base_shared), "probe": probe_ev["probe"],
-                           "eval_s": base_shared["eval_s"] + probe_ev["eval_s"]}
-                for arm in arms:
-                    records.append(_record(seed, arm, 0, None, base_ev, None, model_name))
-                for arm in arms:
-                    model = copy.deepcopy(base_model)
-                    subspaces: dict = {}  # earlier LoRA stages' input subspaces (supple arm)
-                    for i, stage in enumerate(stages, start=1):
-                        bar.set_description(f"seed {seed} {arm} {stage.name}")
-                        callbacks = [_progress_callback(bar)]
-                        stage_notes: list[str] = []
-                        if arm == "supple":
-                            scfg, stage_notes = supple_arm_config(i, [], cfg.lora, arm_overrides, bool(subspaces))
-                            if replay_note and scfg.replay_data:
-                                stage_notes.append(replay_note)
-                            objs = {"previous_subspaces": subspaces} if scfg.decorrelation_cross_weight > 0 else {}
-                            callbacks.append(callback_cls(scfg, **objs))
-                            supple_configs[f"seed{seed}/{stage.name}"] = asdict(scfg)
-                        run_seed = 1000 * seed + i  # the same for both arms
-                        set_seed(run_seed)
-                        ctx = StageContext(
-                            model=model, tokenizer=tok, stage=stage, budget=budget, seed=run_seed, lora=cfg.lora,
-                            callbacks=callbacks, output_dir=os.path.join(workdir, f"s{seed}-{arm}-{i}"),
-                            data_seed=run_seed,
-                        )
-                        t0 = time.perf_counter()
-                        outcome = STAGE_KINDS[stage.kind].run(ctx)
-                        train_s = time.perf_counter() - t0
-                        model = outcome.model
-                        _unpatch_forward(model.get_base_model() if hasattr(model, "get_base_model") else model)
-                        if cfg.lora:
-                            if arm == "supple":  # this stage's update directions: the next stages' cross term
-                                subspaces = lora_input_subspaces(model, subspaces)
-                            model = model.merge_and_unload()
-                        model.to(device)
-                        ev = evaluate(model, tok, plan, budget, seed, f"{arm}/{stage.name}", tick=bar.update)
-                        measure_rows += [dict(r, seed=seed, arm=arm, stage=stage.name)
-                                         for r in ev["geometry"]["records"]]
-                        train_info = {
-                            "wall_s": train_s,
-                            "steps": stage.steps,
-                            "lr": stage.lr,
-                            **outcome.metrics,
-                            "log_history": outcome.log_history,
-                            "notes": stage_notes,
-                        }
-                        records.append(_record(seed, arm, i, stage, _strip_records(ev), train_info, model_name))
-                        for n in stage_notes:
-                            if n not in notes:
-                                notes.append(n)
-                    del model
-                    gc.collect()
+            fresh = run_jobs(setup, todo, workers, run_threads, bar.update, bar.set_description, journal.add)
     finally:
         bar.close()
         torch.set_num_threads(threads)
         if not cfg.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+
+    done.update({(j.seed, j.arm): o for j, o in zip(todo, fresh)})
+    outs = [done[(j.seed, j.arm)] for j in jobs]
+    base_ev = outs[0]["base"]
+    model_name = _model_name(cfg.model)
+    records: list[dict] = []
+    measure_rows: list[dict] = list(outs[0]["measure_rows"])
+    supple_configs: dict[str, dict] = {}
+    for job, out in zip(jobs[1:], outs[1:]):
+        records.append(_record(job.seed, job.arm, 0, None, base_ev, None, model_name))
+        records += out["records"]
+        measure_rows += out["measure_rows"]
+        supple_configs.update(out["supple_configs"])
+        notes += [n for n in out["notes"] if n not in notes]
 
     _add_forgetting(records, stages)
     results = {
@@ -322,22 +271,28 @@ def run_demo(cfg: DemoConfig) -> dict:
             "stages": [asdict(s) for s in stages],
             "seeds": list(cfg.seeds),
             "arms": arms,
+            "arm_help": {a: ARM_TABLE[a].help for a in arms},
             "lora": cfg.lora,
-            "families": {"stages": fams, "ood": plan.ood, "probe": plan.probe_family},
+            "families": {"stages": fams, "ood": plan.ood, "probe": plan.probe_families[0],
+                         "probes": plan.probe_families},
             "supple_arm_defaults": SUPPLE_ARM_DEFAULTS,
             "supple_overrides": cfg.supple_overrides,
             "supple_configs": supple_configs,
             "notes": notes,
             "device": device,
             "torch_threads": run_threads,
-            "load_s": load_s,
+            "workers": workers,
             "total_s": time.perf_counter() - t_start,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "machine": _machine(),
             "versions": _versions(),
         },
         "records": records,
         "summary": summarize(records),
     }
+    from .analysis import analyze
+
+    results["analysis"] = analyze(results)
     if cfg.out:
         from .report import write_outputs
 
@@ -345,18 +300,52 @@ def run_demo(cfg: DemoConfig) -> dict:
     return results
 
 
-def _record(seed, arm, index, stage: Stage | None, ev: dict, train: dict | None, model_name: str) -> dict:
-    return {
-        "seed": seed,
-        "arm": arm,
-        "stage_index": index,
-        "stage": stage.name if stage else "base",
-        "kind": stage.kind if stage else None,
-        "family": stage.family if stage else None,
-        "model": model_name,
-        **ev,
-        "train": train,
-    }
+class _Journal:
+    """Finished jobs, one JSON line each, in ``out/jobs.jsonl``: an interrupted demo loses nothing finished, and
+    ``--resume`` reruns only what is missing. A line counts only for the same model, budget, stages, regime and
+    supple overrides (its ``signature``)."""
+
+    def __init__(self, cfg: DemoConfig, stages: list[Stage]) -> None:
+        self.path = os.path.join(cfg.out, "jobs.jsonl") if cfg.out else None
+        self.signature = json.dumps({"model": cfg.model, "budget": asdict(cfg.budget),
+                                     "stages": [asdict(s) for s in stages], "lora": cfg.lora,
+                                     "supple": cfg.supple_overrides, "defaults": SUPPLE_ARM_DEFAULTS},
+                                    sort_keys=True, default=str)
+        if self.path and not cfg.resume and os.path.exists(self.path):
+            os.remove(self.path)
+
+    def load(self) -> dict[tuple, dict]:
+        out: dict[tuple, dict] = {}
+        if not self.path or not os.path.exists(self.path):
+            return out
+        with open(self.path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by an interruption
+                    continue
+                if row.get("signature") == self.signature:
+                    out[(row["seed"], row["arm"])] = row["out"]
+        return out
+
+    def add(self, job, out: dict) -> None:
+        if not self.path:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        line = json.dumps({"signature": self.signature, "seed": job.seed, "arm": job.arm, "out": out},
+                          default=lambda o: o.item() if hasattr(o, "item") else str(o))
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+
+def _model_name(spec: str) -> str:
+    return {"tiny": "tiny", "embedded": "SmolLM2-135M-Instruct"}.get(spec, os.path.basename(os.path.normpath(spec)))
+
+
+def _machine() -> str:
+    import platform
+
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"
 
 
 def _add_forgetting(records: list[dict], stages: list[Stage]) -> None:
@@ -419,7 +408,7 @@ def summarize(records: list[dict]) -> list[dict]:
     for r in records:
         groups.setdefault((r["stage_index"], r["stage"], r["arm"]), []).append(r)
     out = []
-    for (idx, stage, arm), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], ARMS.index(kv[0][2]))):
+    for (idx, stage, arm), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], ARMS.index(kv[0][2]) if kv[0][2] in ARMS else 99)):
         flats = [flat_metrics(r) for r in rs]
         keys = list(dict.fromkeys(k for f in flats for k in f))
         metrics = {}

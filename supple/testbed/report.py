@@ -9,28 +9,21 @@ from dataclasses import asdict
 
 # (column header, metric key in the summary, decimals); per-family accuracy columns are inserted at "acc"
 _COLUMNS: list[tuple[str, str, int]] = [
-    ("erank", "erank", 1),
-    ("aniso", "anisotropy", 3),
-    ("probe start", "probe_start_loss", 3),
-    ("probe final", "probe_final_loss", 3),
-    ("probe impr", "probe_improvement", 3),
-    ("probe area", "probe_area", 3),
+    ("probe", "probe_final_loss", 3),
     ("acc", "acc", 2),
     ("ECE", "ece", 3),
+    ("erank", "erank", 0),
     ("train s", "train/wall_s", 0),
 ]
 COLUMN_HELP = {
-    "erank": "effective rank of the last decoder block's output on general text (pydoc), without the first "
-    "token (attention sink), raw vectors",
-    "aniso": "anisotropy there: mean cosine between distinct tokens",
-    "probe start": "plasticity probe (fresh LoRA on a held-out task): held-out loss before training",
-    "probe final": "held-out loss after the probe's steps (lower = adapts better)",
-    "probe impr": "start - final",
-    "probe area": "mean held-out loss over the probe's training (area under the curve / steps)",
+    "probe": "plasticity probe after the stage: held-out loss of a fresh LoRA after its steps on the primary probe "
+    "family (lower = adapts better)",
     "acc": "held-out accuracy (greedy generation, checked answer) per task family; OOD: the out-of-domain family",
-    "CE": "held-out answer-token cross-entropy (teacher-forced) per stage task family: its rise after later stages "
-    "is forgetting",
+    "CE": "held-out answer-token cross-entropy (teacher-forced) on the first stage's family: its rise after later "
+    "stages is forgetting",
     "ECE": "expected calibration error of the answer tokens of the in-domain families (15 bins)",
+    "erank": "effective rank of the last decoder block's output on general text (pydoc), without the first "
+    "token (attention sink)",
     "train s": "wall time of the stage's training",
 }
 
@@ -40,10 +33,10 @@ def _cols(summary: Sequence[dict], families: dict) -> list[tuple[str, str, int]]
     for head, key, dec in _COLUMNS:
         if key == "acc":
             for fam in families.get("stages", []):
-                cols.append((f"acc {fam}", f"acc/{fam}", 2))
+                cols.append((f"acc {fam[:5]}", f"acc/{fam}", 2))
             if families.get("ood"):
-                cols.append((f"OOD {families['ood']}", f"acc/{families['ood']}", 2))
-            for fam in families.get("stages", []):
+                cols.append(("OOD", f"acc/{families['ood']}", 2))
+            for fam in families.get("stages", [])[:1]:
                 cols.append((f"CE {fam}", f"answer_ce/{fam}", 2))
         else:
             cols.append((head, key, dec))
@@ -70,7 +63,7 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def format_table(results: dict) -> str:
-    """A fixed-width text table: one row per (stage, arm), mean±std over seeds."""
+    """A fixed-width text table: one row per (stage, arm), mean±std over seeds, and its legend."""
     header, rows = table_rows(results)
     widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
     line = "  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))
@@ -81,6 +74,8 @@ def format_table(results: dict) -> str:
             out.append("")
         prev = r[0]
         out.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    out += ["", f"mean±std over training seeds {results['meta']['seeds']}"]
+    out += [f"  {k}: {v}" for k, v in COLUMN_HELP.items()]
     return "\n".join(out)
 
 
@@ -121,13 +116,21 @@ def write_markdown(results: dict, path: str, plots: Sequence[str] = ()) -> str:
         "- stages: " + " → ".join(
             "{name} ({kind} on {family}, {steps} steps, lr {lr:g})".format(**s) for s in meta["stages"]
         ),
-        f"- budget: {b['name']}; batch {b['batch_size']}; seeds {meta['seeds']}; probe {b['probe_steps']} steps on "
-        f"{meta['families']['probe']}; {b['n_eval']} held-out items per family",
-        f"- date: {meta['date']}; device: {meta['device']} ({meta['torch_threads']} threads); total {meta['total_s'] / 60:.1f} min",
+        f"- budget: {b['name']}; batch {b['batch_size']}; seeds {meta['seeds']}; probe {b['probe_steps']} steps, lr "
+        f"{b['probe_lr']:g}, rank {b['probe_rank']} on {', '.join(meta['families'].get('probes', [meta['families']['probe']]))}"
+        f" x {b.get('probe_seeds', 1)} probe seeds; {b['n_eval']} held-out items per family",
+        f"- date: {meta['date']}; machine: {meta.get('machine', '?')}; device: {meta['device']} "
+        f"({meta.get('workers', 1)} worker(s) x {meta['torch_threads']} threads); total {meta['total_s'] / 60:.1f} min",
     ]
     if meta.get("command"):
         lines.append(f"- command: `{meta['command']}`")
-    lines += ["", format_markdown(results), "", "Mean ± standard deviation over training seeds.", ""]
+    from .verdict import verdict_markdown
+
+    verdict = verdict_markdown(results)
+    if verdict:
+        lines += ["", "## Verdict (last stage, paired by training seed)", "", verdict]
+    lines += ["", "## Per stage", "", format_markdown(results), "",
+              f"Mean ± standard deviation over training seeds {meta['seeds']}.", ""]
     lines += [f"- **{k}**: {v}" for k, v in COLUMN_HELP.items()]
     q = _stage_quality(results)
     if q:
@@ -152,7 +155,7 @@ _PLOT_METRICS = [
     ("erank", "erank, last block (no sink)"),
     ("anisotropy", "anisotropy, last block (no sink)"),
     ("probe_start_loss", "probe start loss"),
-    ("probe_final_loss", "probe final loss"),
+    ("probe_final_loss", "probe final loss (lower = more plastic)"),
     ("probe_improvement", "probe improvement"),
     ("probe_area", "probe area"),
     ("ece", "ECE (answer tokens)"),
@@ -178,6 +181,7 @@ def plot_summary(results: dict, path: str) -> str:
     ]
     stages = list(dict.fromkeys(g["stage"] for g in summary))
     arms = list(dict.fromkeys(g["arm"] for g in summary))
+    metrics = [(k, t) for k, t in metrics if any(k in g["metrics"] for g in summary)]  # no empty panels
     ncol = 4
     nrow = math.ceil(len(metrics) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3 * nrow), squeeze=False)
@@ -197,11 +201,15 @@ def plot_summary(results: dict, path: str) -> str:
         ax.set_xticks(range(len(stages)))
         ax.set_xticklabels(stages, fontsize=8)
         ax.grid(alpha=0.3)
+        # every metric here is >= 0: start the axis at 0 so that small differences look small (accuracies 0-1)
+        top = 1.02 if key.startswith("acc/") else max(ax.get_ylim()[1], 1e-9) * 1.05
+        ax.set_ylim(0, top)
     for ax in list(axes.flat)[len(metrics) :]:
-        ax.axis("off")
+        fig.delaxes(ax)
     axes.flat[0].legend(fontsize=8)
     meta = results["meta"]
-    fig.suptitle(f"supple demo: {meta['model']}, {'LoRA' if meta['lora'] else 'full FT'}, seeds {meta['seeds']}",
+    fig.suptitle(f"supple demo: {meta['model']}, {'LoRA' if meta['lora'] else 'full FT'}; mean over training seeds "
+                 f"{meta['seeds']}, error bars = standard deviation over those {len(meta['seeds'])} seeds",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -252,20 +260,30 @@ def write_outputs(results: dict, measure_rows: list[dict], out: str) -> dict[str
         "summary_md": os.path.join(out, "summary.md"),
         "summary_png": os.path.join(out, "summary.png"),
         "probe_png": os.path.join(out, "probe_curves.png"),
+        "recovered_png": os.path.join(out, "recovered.png"),
     }
     results["meta"]["files"] = {k: os.path.basename(v) for k, v in files.items()}
     plots = []
     try:
+        from .verdict import plot_recovered
+
         plots = [plot_summary(results, files["summary_png"]), plot_probe_curves(results, files["probe_png"])]
+        if (results.get("analysis") or {}).get("arms") and len(results["analysis"]["arms"]) > 1:
+            plots.insert(0, plot_recovered(results, files["recovered_png"]))
+        else:
+            files.pop("recovered_png")
+            results["meta"]["files"].pop("recovered_png")
     except ImportError as exc:  # matplotlib is in the demo extra
         results["meta"].setdefault("notes", []).append(f"no plots: {exc} (pip install 'supple[demo]')")
-        for k in ("summary_png", "probe_png"):
-            results["meta"]["files"].pop(k)
-            files.pop(k)
+        for k in ("summary_png", "probe_png", "recovered_png"):
+            results["meta"]["files"].pop(k, None)
+            files.pop(k, None)
     save_json(results, files["results"])
     save_json({"meta": {k: results["meta"][k] for k in ("model", "date", "stages", "seeds", "arms")},
                "records": measure_rows}, files["measure_records"])
+    from .verdict import format_verdict
+
     with open(files["table"], "w") as fh:
-        fh.write(format_table(results) + "\n")
+        fh.write(format_verdict(results) + "\n\n" + format_table(results) + "\n")
     write_markdown(results, files["summary_md"], plots)
     return files

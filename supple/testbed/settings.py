@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-ARMS = ("baseline", "supple")
-
 # The supple arm's settings, in one place. Cross-stage decorrelation is switched on from the second LoRA stage
 # (it needs the earlier stages' adapters); the LoRA terms are dropped under full fine-tuning. Chosen by the sweep
 # in benchmarks/demo_sweep.py (README "Choosing the supple arm's settings"): replay went from 4 sequences every
@@ -26,6 +24,48 @@ SUPPLE_ARM_DEFAULTS: dict[str, Any] = {
     "replay_every": 8,
     "replay_batch_size": 1,
 }
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of the demo: how a stage is trained on top of the plain TRL trainer.
+
+    ``supple``: the SuppleConfig fields of the arm's :class:`supple.SuppleCallback` (None: no callback). The
+    testbed-only yardsticks, which supple does not ship: ``anchor_weight`` λ of an L2 pull toward the weights the
+    model had when the stage began (Kumar et al. 2023, "regenerative regularization"), and ``boundary_refresh``
+    (α, σ) of one Shrink & Perturb of every weight at the start of every stage after the first.
+    """
+
+    name: str
+    help: str
+    supple: dict[str, Any] | None = None
+    lora_only: bool = False  # meaningful only with LoRA stages (skipped under full fine-tuning)
+    anchor_weight: float = 0.0
+    boundary_refresh: tuple[float, float] | None = None
+
+
+ARM_TABLE: dict[str, Arm] = {a.name: a for a in (
+    Arm("baseline", "plain TRL training"),
+    Arm("supple", "supple's default arm (SUPPLE_ARM_DEFAULTS)", supple=SUPPLE_ARM_DEFAULTS),
+    Arm("diversity", "diversity penalty alone (normalized ipr, weight 1, last block)",
+        supple={"diversity_weight": 1.0, "diversity_penalty": "ipr", "diversity_layers": [-1]}),
+    Arm("decorrelation", "LoRA decorrelation alone (intra and cross-stage, weight 1 each)", lora_only=True,
+        supple={"decorrelation_weight": 1.0, "decorrelation_cross_weight": 1.0}),
+    Arm("replay", "mixed-domain replay alone (builtin:pydoc, 1 sequence every 2 steps, weight 1)",
+        supple={"replay_data": "builtin:pydoc", "replay_weight": 1.0, "replay_every": 2, "replay_batch_size": 1}),
+    Arm("refresh", "Shrink & Perturb every 20 steps (alpha 0.99, sigma 0.01)",
+        supple={"refresh_method": "shrink_perturb", "refresh_every": 20, "refresh_shrink": 0.99,
+                "refresh_noise": 0.01}),
+    Arm("refresh_boundary", "Shrink & Perturb of every weight at each stage boundary (alpha 0.98, sigma 0.02)",
+        boundary_refresh=(0.98, 0.02)),
+    Arm("l2_anchor", "yardstick: L2 pull toward the pre-stage weights, lambda 0.1 (Kumar et al. 2023)",
+        anchor_weight=0.1),
+)}
+ARMS = tuple(ARM_TABLE)
+MAIN_ARMS = ("baseline", "supple")
+ABLATION_ARMS = ("baseline", "supple", "l2_anchor", "diversity", "replay", "refresh_boundary", "refresh",
+                 "decorrelation")
+
 _REPLAY_FIELDS = ("replay_data", "replay_weight", "replay_every", "replay_batch_size")
 _LORA_FIELDS = ("decorrelation_weight", "decorrelation_cross_weight")
 
@@ -46,14 +86,18 @@ class Budget:
     lr_lora: dict[str, float] = field(default_factory=lambda: {"sft": 2e-4, "dpo": 2e-4, "grpo": 1e-4})
     lr_full: dict[str, float] = field(default_factory=lambda: {"sft": 5e-5, "dpo": 2e-5, "grpo": 1e-5})
     dpo_beta: float = 0.1
-    n_eval: int = 16  # held-out items per task family
+    n_eval: int = 64  # held-out items per task family (16 items carry ± 0.12 of binomial noise)
     eval_batch: int = 16
-    probe_steps: int = 10
+    # the plasticity probe: a fresh LoRA (rank probe_rank) trained probe_steps AdamW steps on each probe family,
+    # once per probe seed; held-out loss on probe_eval items (see docs/demo.md for how these were chosen)
+    probe_steps: int = 25
     probe_eval_every: int = 5
-    probe_batch: int = 8
-    probe_lr: float = 1e-3
+    probe_batch: int = 4
+    probe_lr: float = 2e-4
     probe_rank: int = 8
-    probe_eval: int = 16
+    probe_eval: int = 64
+    probe_seeds: int = 2
+    probe_every_stage: bool = False  # True: probe after every stage (default: the base model and the last stage)
     geometry_texts: int = 8
     geometry_tokens: int = 384
 
@@ -80,7 +124,8 @@ PRESETS: dict[str, Budget] = {
         probe_steps=6,
         probe_eval_every=3,
         probe_eval=8,
-        probe_batch=6,
+        probe_batch=4,
+        probe_seeds=1,
         geometry_texts=4,
         geometry_tokens=160,
     ),
@@ -99,11 +144,13 @@ PRESETS: dict[str, Budget] = {
         probe_eval_every=1,
         probe_batch=2,
         probe_eval=4,
+        probe_every_stage=True,
         geometry_texts=2,
         geometry_tokens=64,
     ),
-    # the default: ≤ 20 minutes on 2 CPU cores
-    "default": Budget(name="default"),
+    # the default: full fine-tuning, the cheapest budget at which the baseline measurably loses plasticity
+    # (docs/demo.md); 3 training seeds
+    "default": Budget(name="default", steps={"sft": 60, "dpo": 16, "sft2": 30, "grpo": 16}, seeds=3),
     # longer and more meaningful (hours on CPU; minutes on a GPU)
     "full": Budget(
         name="full",

@@ -253,15 +253,17 @@ def supple_arm_config(
     lora: bool,
     overrides: dict | None = None,
     previous_subspaces: bool = False,
+    base: dict | None = None,
 ) -> tuple[Any, list[str]]:
     """The supple arm's :class:`SuppleConfig` for one stage, and notes on what was left out and why.
 
     ``previous_adapters``: earlier stages' adapter paths; ``previous_subspaces``: True when earlier stages'
     subspaces are handed to the callback as objects instead. With neither, the cross-stage term is off.
+    ``base``: the arm's fields (default :data:`SUPPLE_ARM_DEFAULTS`, the supple arm), ``overrides`` on top.
     """
     from supple import SuppleConfig
 
-    kw = {**SUPPLE_ARM_DEFAULTS, **(overrides or {})}
+    kw = {**(SUPPLE_ARM_DEFAULTS if base is None else base), **(overrides or {})}
     notes: list[str] = []
     if not lora:
         if any(kw.get(k) for k in _LORA_FIELDS):

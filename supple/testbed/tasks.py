@@ -8,7 +8,8 @@ Roles in the default testbed (``ROLES``):
 
 - ``domain_a``  ``arithmetic``   addition / subtraction of numbers 2-50: SFT, then DPO (stages 1-2)
 - ``domain_b``  ``sorting``      sort 3-4 numbers: the second narrow SFT (stage 3)
-- ``probe``     ``number_words`` write a number in words: the plasticity probe's held-out task
+- ``probe``     ``reverse_words`` reverse a list of words, and ``number_words`` (write a number in words): the
+  plasticity probe's held-out tasks (``PROBE_FAMILIES``), two of different kinds
 - ``ood``       ``knowledge``    capitals, opposites, plurals, next weekday/month: out-of-domain accuracy
 
 Held-out evaluation sets are the first ``n`` items of a fixed stream (``split="eval"``, seed 0), so a smaller
@@ -299,8 +300,45 @@ class Knowledge(TaskFamily):
         raise ValueError(f"not a {self.name} question: {question!r}")
 
 
-FAMILIES: dict[str, TaskFamily] = {f.name: f for f in (Arithmetic(), Sorting(), NumberWords(), Knowledge())}
-ROLES: dict[str, str] = {"domain_a": "arithmetic", "domain_b": "sorting", "probe": "number_words", "ood": "knowledge"}
+
+_PROBE_WORDS = (
+    "apple river stone cloud horse table garden window candle forest bread mirror pencil rabbit silver ocean "
+    "ladder pillow basket tiger violin castle carpet meadow rocket button jacket lemon bottle planet kitten "
+    "hammer island copper wallet feather saddle dragon tunnel orange pepper marble blanket monkey helmet "
+    "engine camera wagon spider parrot butter cotton shovel bucket anchor velvet turkey lizard cherry "
+    "thunder puzzle coffee banana "
+).split()
+_PROBE_WORD_SET = frozenset(_PROBE_WORDS)
+
+
+class ReverseWords(TaskFamily):
+    """Reverse the order of a list of 3-6 common words: a sequence manipulation none of the stages trains."""
+
+    name = "reverse_words"
+    description = "reverse the order of a list of 3-6 common words"
+    max_new_tokens = 16
+
+    def sample(self, rng: random.Random) -> Example:
+        words = rng.sample(_PROBE_WORDS, rng.randint(3, 6))
+        return Example(self.name, "Reverse the order of these words: " + " ".join(words), " ".join(words[::-1]))
+
+    def wrong_answer(self, ex: Example, rng: random.Random) -> str:
+        words = ex.answer.split()
+        return " ".join(words[1:] + words[:1])  # a rotation: same words, wrong order
+
+    def check_answer(self, ex: Example, output: str) -> bool:
+        gold = ex.answer.split()
+        said = [w for w in re.findall(r"[a-z]+", output.lower()) if w in _PROBE_WORD_SET]
+        return any(said[i : i + len(gold)] == gold for i in range(len(said) - len(gold) + 1))
+
+    def solve(self, question: str) -> Example:
+        words = question.rsplit(":", 1)[-1].split()
+        return Example(self.name, question, " ".join(words[::-1]))
+
+
+FAMILIES: dict[str, TaskFamily] = {f.name: f for f in (Arithmetic(), Sorting(), NumberWords(), Knowledge(), ReverseWords())}
+ROLES: dict[str, str] = {"domain_a": "arithmetic", "domain_b": "sorting", "probe": "reverse_words", "ood": "knowledge"}
+PROBE_FAMILIES: tuple[str, ...] = ("reverse_words", "number_words")
 
 
 def get_family(name: str) -> TaskFamily:

@@ -1,0 +1,146 @@
+"""The demo's verdict per arm, paired by training seed against the baseline (:mod:`supple.testbed.stats`).
+
+For every arm, at the last stage: the share of the baseline's plasticity gap it recovers on each probe family, the
+share of the out-of-domain accuracy drop it recovers, forgetting of the first stage's task, each stage's own
+quality, OOD accuracy, ECE and training wall time relative to the baseline — each with a paired bootstrap 95 %
+interval over training seeds. Also the baseline's own degradation (is there a problem to solve?) and the probe's own
+noise (spread over probe seeds on one checkpoint), which must be small next to that degradation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from .stats import bootstrap_ci, paired_difference, recovered_share
+
+__all__ = ["analyze", "stage_quality_keys"]
+
+
+def stage_quality_keys(stage: dict) -> list[tuple[str, Callable[[dict], float]]]:
+    """(label, getter on the stage's record) of a stage's own quality: its task's held-out accuracy, and for
+    DPO the final reward accuracy and margin (mean over the last quarter of training), for GRPO the reward."""
+    fam = stage["family"]
+    out: list[tuple[str, Callable[[dict], float]]] = [
+        (f"{stage['name']} acc {fam}", lambda r, f=fam: r["tasks"][f]["acc"])]
+    if stage["kind"] == "dpo":
+        out += [(f"{stage['name']} reward acc", lambda r: r["train"]["rewards/accuracies_final"]),
+                (f"{stage['name']} reward margin", lambda r: r["train"]["rewards/margins_final"])]
+    if stage["kind"] == "grpo":
+        out.append((f"{stage['name']} reward", lambda r: r["train"]["reward_final"]))
+    return out
+
+
+def _get(r: dict, fn: Callable[[dict], float]) -> float:
+    try:
+        v = float(fn(r))
+    except (KeyError, TypeError):
+        return float("nan")
+    return v
+
+
+def analyze(results: dict) -> dict:
+    """The per-arm verdict (see the module doc) from a demo's ``results`` (``records`` and ``meta``)."""
+    meta, records = results["meta"], results["records"]
+    stages = meta["stages"]
+    last = len(stages)
+    fams = meta["families"]
+    probes = fams.get("probes") or [fams["probe"]]
+    ood = fams["ood"]
+    first_fam = stages[0]["family"]
+    base = next((r for r in records if r["stage_index"] == 0), None)
+    by = {(r["arm"], r["seed"], r["stage_index"]): r for r in records}
+    seeds = sorted({r["seed"] for r in records})
+    arms = list(dict.fromkeys(r["arm"] for r in records))
+    out: dict = {"last_stage": stages[-1]["name"], "seeds": seeds, "probes": probes, "ood": ood, "arms": {}}
+    if base is None or "baseline" not in arms:
+        out["error"] = "needs the base model and the baseline arm"
+        return out
+
+    def col(arm: str, idx: int, fn: Callable[[dict], float]) -> list[float]:
+        return [_get(by[(arm, s, idx)], fn) if (arm, s, idx) in by else float("nan") for s in seeds]
+
+    def probe_fn(fam: str, key: str = "final_loss") -> Callable[[dict], float]:
+        return lambda r: (r.get("probes") or {fam: r["probe"]})[fam][key]
+
+    def ood_fn(r: dict) -> float:
+        return r["tasks"][ood]["acc"]
+
+    # the problem: the baseline's degradation from the base model, and the probe's own noise
+    problem = {}
+    for fam in probes:
+        b = _get(base, probe_fn(fam))
+        vals = col("baseline", last, probe_fn(fam))
+        problem[f"probe {fam}"] = {"base": b, **paired_difference(vals, [b] * len(vals)),
+                                   "noise": _get(base, probe_fn(fam, "final_loss_spread"))}
+    b_ood = _get(base, ood_fn)
+    vals = col("baseline", last, ood_fn)
+    problem[f"OOD acc {ood}"] = {"base": b_ood, **paired_difference(vals, [b_ood] * len(vals))}
+    out["problem"] = problem
+    noise = [r["probes"][f]["final_loss_spread"] for r in records for f in probes
+             if r.get("probes") and f in r["probes"] and "final_loss_spread" in r["probes"][f]]
+    out["probe_noise_mean"] = sum(noise) / len(noise) if noise else float("nan")
+
+    bl_wall = [sum(_get(by[("baseline", s, i)], lambda r: r["train"]["wall_s"]) for i in range(1, last + 1))
+               for s in seeds if all(("baseline", s, i) in by for i in range(1, last + 1))]
+    for arm in arms:
+        a: dict = {}
+        for fam in probes:
+            b = _get(base, probe_fn(fam))
+            a[f"recovered probe {fam}"] = recovered_share(b, col("baseline", last, probe_fn(fam)),
+                                                          col(arm, last, probe_fn(fam)), higher_is_better=False)
+            a[f"probe {fam}"] = _mean_ci(col(arm, last, probe_fn(fam)))
+        a["recovered OOD"] = recovered_share(b_ood, col("baseline", last, ood_fn), col(arm, last, ood_fn),
+                                             higher_is_better=True)
+        a[f"OOD acc {ood}"] = _mean_ci(col(arm, last, ood_fn))
+        a["ECE"] = _mean_ci(col(arm, last, lambda r: r["ece"]))
+        a[f"forgetting {first_fam} acc"] = _mean_ci(col(arm, last, lambda r: r["tasks"][first_fam]["acc"]))
+        a[f"forgetting {first_fam} CE"] = _mean_ci(col(arm, last, lambda r: r["tasks"][first_fam]["answer_ce"]))
+        a[f"forgetting {first_fam} CE vs baseline"] = paired_difference(
+            col(arm, last, lambda r: r["tasks"][first_fam]["answer_ce"]),
+            col("baseline", last, lambda r: r["tasks"][first_fam]["answer_ce"]))
+        quality = {}
+        for i, st in enumerate(stages, start=1):
+            for label, fn in stage_quality_keys(st):
+                arm_v, bl_v = col(arm, i, fn), col("baseline", i, fn)
+                rel = bootstrap_ci([arm_v, bl_v], _ratio_of_means)
+                quality[label] = {**_mean_ci(arm_v), "relative": rel}
+        a["stage quality"] = quality
+        wall = [sum(_get(by[(arm, s, i)], lambda r: r["train"]["wall_s"]) for i in range(1, last + 1))
+                for s in seeds if all((arm, s, i) in by for i in range(1, last + 1))]
+        a["wall time vs baseline"] = (sum(wall) / sum(bl_wall)) if wall and bl_wall and sum(bl_wall) else float("nan")
+        out["arms"][arm] = a
+    out["goal"] = {arm: _goal(out, arm) for arm in arms if arm != "baseline"}
+    return out
+
+
+def _ratio_of_means(a: list[float], b: list[float]) -> float:
+    mb = sum(b) / len(b)
+    return (sum(a) / len(a)) / mb if mb else float("nan")
+
+
+def _mean_ci(vals: list[float]) -> dict:
+    vals = [v for v in vals if math.isfinite(v)]
+    if not vals:
+        return {"estimate": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
+    return bootstrap_ci([vals], lambda x: sum(x) / len(x))
+
+
+def _goal(out: dict, arm: str) -> dict:
+    """The demo's goal for an arm: ≥ 50 % of the plasticity gap (every probe family) and of the OOD drop
+    recovered with CI lower bounds above 0, forgetting no worse than the baseline's (the paired CI of the CE
+    difference does not lie above 0), every stage's quality within 5 % of the baseline's."""
+    a = out["arms"][arm]
+    checks = {}
+    for fam in out["probes"]:
+        s = a[f"recovered probe {fam}"]
+        checks[f"probe {fam}"] = s["estimate"] >= 0.5 and s["lo"] > 0
+    s = a["recovered OOD"]
+    checks["OOD"] = s["estimate"] >= 0.5 and s["lo"] > 0
+    f = next(v for k, v in a.items() if k.endswith("CE vs baseline"))
+    checks["forgetting"] = not (f["lo"] > 0)
+    checks["stage quality"] = all(
+        abs(q["relative"]["estimate"] - 1) <= 0.05 or q["relative"]["estimate"] > 1
+        for q in a["stage quality"].values() if math.isfinite(q["relative"]["estimate"]))
+    checks["all"] = all(checks.values())
+    return checks

@@ -1,0 +1,251 @@
+"""One job of a demo run — the base model's measurements, or one (training seed, arm) through every stage — and
+the pool that runs jobs in parallel processes (``supple demo --workers N``)."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .evaluation import EvalPlan, evaluate, load_testbed_model
+from .settings import ARM_TABLE
+from .stages import (
+    STAGE_KINDS,
+    Stage,
+    StageContext,
+    _supple_callback_class,
+    _unpatch_forward,
+    lora_input_subspaces,
+    supple_arm_config,
+)
+from .yardsticks import l2_anchor_callback, shrink_perturb_model
+
+
+@dataclass
+class Job:
+    """``seed``/``arm`` None: the base model (measured once; it does not depend on the training seed)."""
+
+    seed: int | None
+    arm: str | None
+
+
+@dataclass
+class JobSetup:
+    """What every job needs besides its (seed, arm); picklable, so a worker process can receive it."""
+
+    cfg: Any  # DemoConfig
+    stages: list[Stage]
+    plan: EvalPlan
+    workdir: str
+    arm_overrides: dict  # the supple arm's overrides, with the replay corpus file resolved
+    replay_note: str | None
+
+
+def _strip_records(ev: dict) -> dict:
+    """An evaluation without the bulky tidy measurement rows (kept separately)."""
+    ev = dict(ev)
+    if "geometry" in ev:
+        ev["geometry"] = {k: v for k, v in ev["geometry"].items() if k != "records"}
+    return ev
+
+
+def _record(seed, arm, index, stage: Stage | None, ev: dict, train: dict | None, model_name: str) -> dict:
+    return {
+        "seed": seed,
+        "arm": arm,
+        "stage_index": index,
+        "stage": stage.name if stage else "base",
+        "kind": stage.kind if stage else None,
+        "family": stage.family if stage else None,
+        "model": model_name,
+        **ev,
+        "train": train,
+    }
+
+
+def _save_model(model, tok, path: str) -> None:
+    """A merged checkpoint as safetensors (``supple probe PATH`` and ``from_pretrained`` read it)."""
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+
+
+def _progress_callback(tick: Callable[[int], None]):
+    from transformers import TrainerCallback
+
+    class _Tick(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            tick(1)
+            return control
+
+    return _Tick()
+
+
+def _arm_callbacks(setup: JobSetup, arm_name: str, i: int, subspaces: dict, seed: int) -> tuple[list, list[str], dict | None]:
+    """The callbacks one arm adds at stage ``i`` (1-based), notes, and the SuppleConfig used (as a dict)."""
+    arm = ARM_TABLE[arm_name]
+    cfg = setup.cfg
+    callbacks: list = []
+    notes: list[str] = []
+    used = None
+    if arm.supple is not None:
+        overrides = setup.arm_overrides if arm_name == "supple" else {}
+        base = dict(arm.supple)
+        if base.get("replay_data") == "builtin:pydoc" and setup.arm_overrides.get("_replay_file"):
+            base["replay_data"] = setup.arm_overrides["_replay_file"]
+        overrides = {k: v for k, v in overrides.items() if not k.startswith("_")}
+        scfg, notes = supple_arm_config(i, [], cfg.lora, overrides, bool(subspaces), base=base)
+        if setup.replay_note and scfg.replay_data:
+            notes.append(setup.replay_note)
+        objs = {"previous_subspaces": subspaces} if scfg.decorrelation_cross_weight > 0 else {}
+        callbacks.append(_supple_callback_class()(scfg, **objs))
+        used = asdict(scfg)
+        if scfg.replay_data and scfg.replay_data == setup.arm_overrides.get("_replay_file"):
+            used["replay_data"] = "builtin:pydoc (without the general-text measurement paragraphs)"
+    if arm.anchor_weight:
+        callbacks.append(l2_anchor_callback(arm.anchor_weight))
+    return callbacks, notes, used
+
+
+def _wants_cross(setup: JobSetup, arm_name: str) -> bool:
+    """Whether the arm uses cross-stage decorrelation (then every LoRA stage's update subspace is kept)."""
+    fields = dict(ARM_TABLE[arm_name].supple or {})
+    if arm_name == "supple":
+        fields.update(setup.arm_overrides)
+    return bool(fields.get("decorrelation_cross_weight"))
+
+
+def run_job(setup: JobSetup, job: Job, tick: Callable[[int], None], base_model=None, tok=None) -> dict:
+    """Run one job; returns ``records``, ``measure_rows``, ``supple_configs`` and ``notes``."""
+    import torch
+    from transformers import set_seed
+
+    cfg, plan, budget = setup.cfg, setup.plan, setup.cfg.budget
+    if base_model is None:
+        base_model, tok, _ = _load(cfg.model)
+    model_name = _load.name  # type: ignore[attr-defined]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out: dict[str, Any] = {"records": [], "measure_rows": [], "supple_configs": {}, "notes": []}
+    if job.seed is None:
+        ev = evaluate(base_model, tok, plan, budget, 0, "base", tick=tick)
+        out["measure_rows"] = [dict(r, model="base", seed=None, arm=None, stage="base")
+                               for r in ev["geometry"]["records"]]
+        out["base"] = _strip_records(ev)
+        return out
+    seed, arm_name = job.seed, job.arm
+    arm = ARM_TABLE[arm_name]
+    model = copy.deepcopy(base_model)
+    subspaces: dict = {}  # earlier LoRA stages' input subspaces (cross-stage decorrelation)
+    for i, stage in enumerate(setup.stages, start=1):
+        callbacks, stage_notes, used = _arm_callbacks(setup, arm_name, i, subspaces, seed)
+        callbacks.insert(0, _progress_callback(tick))
+        if used is not None:
+            out["supple_configs"][f"{arm_name}/seed{seed}/{stage.name}"] = used
+        run_seed = 1000 * seed + i  # the same for every arm
+        if arm.boundary_refresh and i > 1:
+            shrink_perturb_model(model, *arm.boundary_refresh, seed=run_seed)
+        set_seed(run_seed)
+        ctx = StageContext(
+            model=model, tokenizer=tok, stage=stage, budget=budget, seed=run_seed, lora=cfg.lora,
+            callbacks=callbacks, output_dir=os.path.join(setup.workdir, f"s{seed}-{arm_name}-{i}"), data_seed=run_seed,
+        )
+        t0 = time.perf_counter()
+        outcome = STAGE_KINDS[stage.kind].run(ctx)
+        train_s = time.perf_counter() - t0
+        model = outcome.model
+        _unpatch_forward(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        if cfg.lora:
+            if _wants_cross(setup, arm_name):
+                subspaces = lora_input_subspaces(model, subspaces)  # this stage's update directions
+            model = model.merge_and_unload()
+        model.to(device)
+        if cfg.save_models:
+            _save_model(model, tok, os.path.join(cfg.save_models, f"seed{seed}", arm_name, stage.name))
+        last = i == len(setup.stages)
+        parts = ("geometry", "tasks", "probe") if (last or budget.probe_every_stage) else ("geometry", "tasks")
+        ev = evaluate(model, tok, plan, budget, seed, f"{arm_name}/{stage.name}", parts=parts, tick=tick)
+        if "probe" not in parts:
+            tick(budget.probe_steps * budget.probe_seeds * len(plan.probe_families))
+        out["measure_rows"] += [dict(r, seed=seed, arm=arm_name, stage=stage.name) for r in ev["geometry"]["records"]]
+        train_info = {"wall_s": train_s, "steps": stage.steps, "lr": stage.lr, **outcome.metrics,
+                      "log_history": outcome.log_history, "notes": stage_notes}
+        out["records"].append(_record(seed, arm_name, i, stage, _strip_records(ev), train_info, model_name))
+        out["notes"] += [n for n in stage_notes if n not in out["notes"]]
+    del model
+    gc.collect()
+    return out
+
+
+def _load(spec: str):
+    """The testbed model, loaded once per process."""
+    cache = getattr(_load, "cache", {})
+    if spec not in cache:
+        model, tok, name = load_testbed_model(spec)
+        import torch
+
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+        cache[spec] = (model, tok, name)
+        _load.cache = cache  # type: ignore[attr-defined]
+    _load.name = cache[spec][2]  # type: ignore[attr-defined]
+    return cache[spec]
+
+
+# ------------------------------------------------------------------------------------------- worker pool
+_QUEUE = None
+
+
+def _worker_init(queue, threads: int) -> None:
+    import torch
+
+    global _QUEUE
+    _QUEUE = queue
+    torch.set_num_threads(threads)
+
+
+def _worker_run(setup: JobSetup, job: Job) -> dict:
+    from .pipeline import _quiet
+
+    with _quiet():
+        return run_job(setup, job, lambda n: _QUEUE.put(n))
+
+
+def run_jobs(setup: JobSetup, jobs: list[Job], workers: int, threads: int, tick: Callable[[int], None],
+             describe: Callable[[str], None], on_done: Callable[[Job, dict], None] = lambda job, out: None) -> list[dict]:
+    """Run ``jobs`` (in order of the list) on ``workers`` spawned processes of ``threads`` torch threads each, or
+    in this process when ``workers`` is 1. ``on_done(job, result)`` is called as each job finishes (the demo keeps
+    finished jobs on disk with it). Results come back in the order of ``jobs``."""
+    if workers <= 1:
+        base_model, tok, _ = _load(setup.cfg.model)
+        results = []
+        for job in jobs:
+            describe("base model" if job.seed is None else f"seed {job.seed} {job.arm}")
+            results.append(run_job(setup, job, tick, base_model, tok))
+            on_done(job, results[-1])
+        return results
+    import multiprocessing as mp
+    import queue as queue_mod
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Manager().Queue()
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                             initargs=(q, threads)) as pool:
+        futures = [pool.submit(_worker_run, setup, job) for job in jobs]
+        job_of = dict(zip(futures, jobs))
+        pending = set(futures)
+        describe(f"{len(jobs)} jobs on {workers} workers")
+        while pending:
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for f in done:
+                if f.exception() is None:
+                    on_done(job_of[f], f.result())
+            while True:
+                try:
+                    tick(q.get_nowait())
+                except queue_mod.Empty:
+                    break
+        return [f.result() for f in futures]

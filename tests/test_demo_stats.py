@@ -1,0 +1,101 @@
+"""The demo's statistics on constructed numbers: bootstrap intervals, paired differences, recovered shares, and the
+per-arm verdict built from synthetic records."""
+
+import itertools
+import math
+
+import pytest
+
+from supple.testbed.analysis import analyze
+from supple.testbed.stats import bootstrap_ci, paired_difference, recovered_share
+
+
+def _all_resample_means(values):
+    """Every equally likely bootstrap resample's mean (n^n index tuples), the exact bootstrap distribution."""
+    n = len(values)
+    return sorted(sum(values[i] for i in idx) / n for idx in itertools.product(range(n), repeat=n))
+
+
+def test_bootstrap_interval_matches_exact_resampling_distribution():
+    vals = [1.0, 2.0, 4.0]
+    ci = bootstrap_ci([vals], lambda x: sum(x) / len(x), n_boot=20_000, rng_seed=1)
+    exact = _all_resample_means(vals)  # 27 equally likely resamples
+    assert ci["estimate"] == pytest.approx(7 / 3)
+    # the 2.5 % and 97.5 % points of the exact distribution: 1.0 (3 of 27 ≈ 3.7 % of the mass at min 1.0, 1.0+...)
+    lo_exact = exact[math.floor(0.025 * (len(exact) - 1))]
+    hi_exact = exact[math.ceil(0.975 * (len(exact) - 1))]
+    assert lo_exact - 0.2 <= ci["lo"] <= lo_exact + 0.4
+    assert hi_exact - 0.4 <= ci["hi"] <= hi_exact + 0.2
+    assert ci["lo"] >= min(vals) and ci["hi"] <= max(vals)
+    assert bootstrap_ci([vals], lambda x: sum(x) / len(x), rng_seed=1) == bootstrap_ci(
+        [vals], lambda x: sum(x) / len(x), rng_seed=1)  # deterministic
+
+
+def test_paired_difference_is_paired():
+    # large between-seed spread, constant within-seed difference: a paired interval is a point
+    a, b = [10.0, 20.0, 30.0], [9.0, 19.0, 29.0]
+    d = paired_difference(a, b)
+    assert d["estimate"] == pytest.approx(1.0) and d["lo"] == pytest.approx(1.0) and d["hi"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one value per seed"):
+        paired_difference([1.0, 2.0], [1.0])
+
+
+def test_recovered_share_lower_and_higher_is_better():
+    # probe loss: base 0.2, baseline 0.4 (gap 0.2), arm 0.3 → half recovered
+    s = recovered_share(0.2, [0.4, 0.4, 0.4], [0.3, 0.3, 0.3], higher_is_better=False)
+    assert s["estimate"] == pytest.approx(0.5) and s["gap"] == pytest.approx(0.2)
+    assert s["lo"] == pytest.approx(0.5) and s["hi"] == pytest.approx(0.5)
+    # accuracy: base 0.7, baseline 0.3 (drop 0.4), arm 0.6 → 75 % recovered; arm worse than baseline → negative
+    assert recovered_share(0.7, [0.3] * 3, [0.6] * 3, higher_is_better=True)["estimate"] == pytest.approx(0.75)
+    assert recovered_share(0.7, [0.3] * 3, [0.2] * 3, higher_is_better=True)["estimate"] == pytest.approx(-0.25)
+    # the share is a ratio of means: (mean(bl) − mean(arm)) / (mean(bl) − base)
+    bl, arm = [0.5, 0.3, 0.4], [0.25, 0.35, 0.3]
+    want = ((0.5 + 0.3 + 0.4) / 3 - (0.25 + 0.35 + 0.3) / 3) / ((0.5 + 0.3 + 0.4) / 3 - 0.2)
+    s = recovered_share(0.2, bl, arm, higher_is_better=False)
+    assert s["estimate"] == pytest.approx(want) and s["lo"] <= want <= s["hi"]
+    # no gap: undefined, not a division error
+    assert math.isnan(recovered_share(0.4, [0.4] * 3, [0.3] * 3, higher_is_better=False)["estimate"])
+
+
+def _rec(arm, seed, idx, probe, ood, a_acc=0.5, a_ce=1.0, wall=10.0):
+    stages = ["base", "sft", "dpo", "sft2"]
+    probes = {f: {"final_loss": probe + (0.01 if f == "number_words" else 0.0), "final_loss_spread": 0.02}
+              for f in ("reverse_words", "number_words")}
+    r = {"arm": arm, "seed": seed, "stage_index": idx, "stage": stages[idx], "probes": probes,
+         "probe": probes["reverse_words"], "ece": 0.05,
+         "tasks": {"arithmetic": {"acc": a_acc, "answer_ce": a_ce}, "sorting": {"acc": 0.9, "answer_ce": 0.5},
+                   "knowledge": {"acc": ood, "answer_ce": 2.0}},
+         "train": None if idx == 0 else {"wall_s": wall, "rewards/accuracies_final": 0.8,
+                                         "rewards/margins_final": 0.3}}
+    return r
+
+
+def _results(records):
+    stages = [{"name": "sft", "kind": "sft", "family": "arithmetic"}, {"name": "dpo", "kind": "dpo", "family": "arithmetic"},
+              {"name": "sft2", "kind": "sft", "family": "sorting"}]
+    meta = {"stages": stages, "families": {"stages": ["arithmetic", "sorting"], "ood": "knowledge",
+                                           "probe": "reverse_words", "probes": ["reverse_words", "number_words"]}}
+    return {"meta": meta, "records": records}
+
+
+def test_analyze_constructed_arms():
+    recs = []
+    for arm, seed in itertools.product(("baseline", "good", "bad"), (0, 1, 2)):
+        recs.append(_rec(arm, seed, 0, 0.2, 0.7))
+        for idx in (1, 2):
+            recs.append(_rec(arm, seed, idx, 0.3, 0.5))
+        last = {"baseline": (0.4 + 0.01 * seed, 0.3), "good": (0.25 + 0.01 * seed, 0.6), "bad": (0.45, 0.2)}[arm]
+        recs.append(_rec(arm, seed, 3, *last, a_ce=1.2 if arm == "bad" else 1.0, wall=12.0 if arm == "good" else 10.0))
+    an = analyze(_results(recs))
+    prob = an["problem"]["probe reverse_words"]
+    assert prob["base"] == pytest.approx(0.2) and prob["estimate"] == pytest.approx(0.21) and prob["lo"] > 0
+    assert prob["noise"] == pytest.approx(0.02)
+    good, bad = an["arms"]["good"], an["arms"]["bad"]
+    # (0.41 − 0.26) / (0.41 − 0.2) on reverse_words; OOD (0.6 − 0.3) / (0.7 − 0.3)
+    assert good["recovered probe reverse_words"]["estimate"] == pytest.approx(0.15 / 0.21)
+    assert good["recovered OOD"]["estimate"] == pytest.approx(0.75)
+    assert good["wall time vs baseline"] == pytest.approx(32 / 30)  # stages 10 + 10 + 12 s vs 3 × 10 s
+    assert bad["recovered OOD"]["estimate"] == pytest.approx(-0.25)
+    assert an["goal"]["good"]["all"] and not an["goal"]["bad"]["all"]
+    assert not an["goal"]["bad"]["forgetting"]  # its first-task CE is higher on every seed
+    assert good["stage quality"]["dpo reward acc"]["relative"]["estimate"] == pytest.approx(1.0)
