@@ -70,6 +70,7 @@ def task_metrics(model, tok, family: str, n: int, batch_size: int = 16, max_leng
     import torch
     from transformers import GenerationConfig
 
+    from supple.data import pad_token_batch
     from supple.measure.calibration import expected_calibration_error, next_token_stats
 
     fam = T.get_family(family)
@@ -95,17 +96,12 @@ def task_metrics(model, tok, family: str, n: int, batch_size: int = 16, max_leng
                 seqs.append((f_ids[:max_length], min(len(p_ids), max_length)))
             for i in range(0, len(seqs), batch_size):
                 chunk = seqs[i : i + batch_size]
-                width = max(len(s) for s, _ in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                tgt_mask = torch.zeros_like(ids, dtype=torch.bool)
-                for j, (s, plen) in enumerate(chunk):
-                    ids[j, : len(s)] = torch.tensor(s)
-                    mask[j, : len(s)] = 1
-                    tgt_mask[j, plen : len(s)] = True
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-                pos = tgt_mask[:, 1:].to(device)  # predicting token t+1 from position t
-                st = next_token_stats(logits[:, :-1][pos], ids[:, 1:].to(device)[pos])
+                starts = [start for _, start in chunk]
+                batch = pad_token_batch([s for s, _ in chunk], pad, device, label_starts=starts)
+                ids = batch["input_ids"]
+                logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+                pos = batch["labels"][:, 1:] != -100  # predicting token t+1 from position t
+                st = next_token_stats(logits[:, :-1][pos], ids[:, 1:][pos])
                 conf.append(st["confidence"].cpu())
                 corr.append(st["correct"].cpu())
                 nll.append(st["nll"].cpu())
