@@ -1,4 +1,7 @@
-"""Replay data: loading general-domain text, tokenizing it for the trainer, and mixing it into SFT data.
+"""Text data: the built-in corpus, replay data (loading, tokenizing, mixing into SFT data), padded batches.
+
+This module imports nothing else of supple: the callbacks, the measurement suite and the testbed all
+build on it.
 
 Sources for ``SuppleConfig.replay_data``:
 - ``"builtin:pydoc"``: English prose from the Python documentation shipped with Python (no download);
@@ -19,6 +22,57 @@ from typing import Any
 import torch
 
 ReplayItem = Any  # a str, or a list of chat messages ({"role", "content"})
+
+BUILTIN_CORPORA = ("pydoc",)
+_HEADING = re.compile(r"^[*=\-~^\"']{3,}$")
+
+
+def _pydoc_paragraphs() -> list[str]:
+    """The prose paragraphs of ``pydoc_data.topics`` (topics sorted by name, then document order)."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for key in sorted(topics):
+        for block in re.split(r"\n\s*\n", topics[key]):
+            lines = block.split("\n")
+            # skip code, grammar and tables (indented), headings and list-like fragments
+            if not lines or any(ln.startswith((" ", "\t")) for ln in lines):
+                continue
+            if any(_HEADING.match(ln.strip()) for ln in lines):
+                continue
+            text = re.sub(r"\s+", " ", " ".join(lines)).strip()
+            if ">>>" in text or "::=" in text:
+                continue
+            out.append(text)
+    return out
+
+
+def load_builtin_corpus(
+    name: str = "pydoc", min_chars: int = 200, max_chars: int | None = None, limit: int | None = None
+) -> list[str]:
+    """Deterministic list of paragraphs of a built-in corpus (no download).
+
+    ``pydoc`` (or ``builtin:pydoc``): the prose paragraphs of the Python reference documentation shipped
+    with Python itself (``pydoc_data.topics``), a general English technical corpus; the texts depend only
+    on the Python version. ``min_chars``: drop shorter paragraphs (headings, fragments). ``max_chars``:
+    cut longer ones at the last sentence end (or space) before the limit. ``limit``: at most this many,
+    from the start.
+    """
+    name = name.removeprefix("builtin:")
+    if name != "pydoc":
+        raise ValueError(f"unknown built-in corpus {name!r}: available {', '.join(BUILTIN_CORPORA)}")
+    texts = []
+    for p in _pydoc_paragraphs():
+        if len(p) < min_chars:
+            continue
+        if max_chars and len(p) > max_chars:
+            cut = p[:max_chars]
+            end = max(cut.rfind(". "), cut.rfind(" "))
+            p = cut[: end + 1].strip() if end > 0 else cut
+        texts.append(p)
+        if limit is not None and len(texts) >= limit:
+            break
+    return texts
 
 
 def _items_from_rows(rows: Sequence[dict], where: str) -> list[ReplayItem]:
@@ -49,8 +103,6 @@ def load_replay_items(spec: str | None = None, dataset: Any | None = None) -> li
     if spec is None:
         raise ValueError("no replay data: set SuppleConfig.replay_data or pass SuppleCallback(replay_dataset=...).")
     if spec.startswith("builtin:"):
-        from .measure.corpus import load_builtin_corpus
-
         return load_builtin_corpus(spec)
     path = Path(spec)
     if not path.is_file():
@@ -92,20 +144,33 @@ def tokenize_replay_item(item: ReplayItem, tokenizer: Any, max_length: int) -> l
     return list(ids)
 
 
-def pad_token_batch(seqs: Sequence[Sequence[int]], pad_id: int, device: Any = None) -> dict[str, torch.Tensor]:
-    """The one padded-batch builder: right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding).
+def pad_token_batch(
+    seqs: Sequence[Sequence[int]],
+    pad_id: int,
+    device: Any = None,
+    label_starts: Sequence[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The one padded-batch builder: right-padded ``input_ids``, ``attention_mask`` and ``labels``.
 
-    Each sequence is a list of token ids; the batch is as long as the longest one.
+    Each sequence is a list of token ids; the batch is as long as the longest one. ``labels`` equal
+    ``input_ids`` on real tokens and -100 on padding, and also before ``label_starts[i]`` in row i when
+    given (a prompt whose tokens are not scored). Tensors are ``torch.long`` on ``device``.
     """
     if not seqs:
         raise ValueError("pad_token_batch: no sequences to batch.")
+    if label_starts is not None and len(label_starts) != len(seqs):
+        raise ValueError(f"pad_token_batch: {len(label_starts)} label starts for {len(seqs)} sequences.")
     t = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), t), int(pad_id), dtype=torch.long)
     mask = torch.zeros((len(seqs), t), dtype=torch.long)
     for r, s in enumerate(seqs):
         ids[r, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
         mask[r, : len(s)] = 1
-    labels = ids.masked_fill(mask == 0, -100)
+    scored = mask.bool()
+    if label_starts is not None:
+        starts = torch.as_tensor(list(label_starts), dtype=torch.long)
+        scored &= torch.arange(t).unsqueeze(0) >= starts.unsqueeze(1)
+    labels = ids.masked_fill(~scored, -100)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 

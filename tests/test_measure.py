@@ -91,13 +91,14 @@ def test_brier_and_next_token_stats():
 def test_find_decoder_blocks_llama_gpt2_peft(llama, tok):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    assert len(find_decoder_blocks(llama)) == 2
+    assert find_decoder_blocks(llama) == ("model.layers", llama.model.layers)
+    assert len(find_decoder_blocks(llama)[1]) == 2
     assert find_final_norm(llama) is llama.model.norm
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=3, n_head=4, n_positions=64))
-    assert find_decoder_blocks(gpt2) is gpt2.transformer.h
+    assert find_decoder_blocks(gpt2)[1] is gpt2.transformer.h
     assert find_final_norm(gpt2) is gpt2.transformer.ln_f
     pm = _peft(make_tiny_llama(tok))
-    assert find_decoder_blocks(pm) is pm.get_base_model().model.layers
+    assert find_decoder_blocks(pm)[1] is pm.get_base_model().model.layers
 
 
 # -------------------------------------------------------------------------------------- measurement

@@ -12,14 +12,16 @@ The metric math lives in :mod:`supple.regularizers.geometry` (pure torch) and
 adapters are read by :mod:`supple.measure.adapters` only: local files, safetensors only, never a pickle.
 """
 
+from ..modeling import find_decoder_blocks, unwrap_model
 from .adapters import PickleRefusedError, load_peft_adapter, read_adapter, refuse_pickles
 from .calibration import brier_score, expected_calibration_error, next_token_stats
 from .compare import cka_records, compare_checkpoints, compare_records
-from .core import RECORD_FIELDS, MeasureRun, collect, measure_model, run_records
+from .core import MeasureRun, collect, measure_model, run_records
 from .corpus import load_builtin_corpus, load_texts
 from .lora import LoraFactors, adapter_overlap, lora_factors, lora_update_spectra
-from .models import find_decoder_blocks, find_final_norm, find_lm_head, load_model, unwrap_model
+from .models import find_final_norm, find_lm_head, load_model
 from .probe import PROBE_TASKS, load_probe_task, plasticity_probe, register_probe_task
+from .records import RECORD_FIELDS
 from .report import plot_records, read_records_json, write_records_csv, write_records_json, write_summary
 
 __all__ = [

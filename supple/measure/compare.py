@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import torch
 
 from ..regularizers.geometry import linear_cka
-from .core import SPACES, TOKEN_SETS, MeasureRun, collect, record, run_records
+from .core import SPACES, TOKEN_SETS, MeasureRun, collect, run_records
+from .records import record
 
 __all__ = ["cka_records", "compare_checkpoints", "compare_records"]
 

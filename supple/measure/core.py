@@ -1,6 +1,6 @@
 """Run a causal LM over texts and measure its hidden states, logits and token trajectories.
 
-Which states (ARCHITECTURE.md, "Measurement notes"):
+Which states (README.md, "Measure your model", defines the metrics):
 
 - hidden-state geometry uses the **output of each decoder block**, captured by forward hooks on the
   blocks, before the final norm (``hidden_states[-1]`` of a transformers model is after the final
@@ -15,7 +15,8 @@ Which states (ARCHITECTURE.md, "Measurement notes"):
   logit lens applies the model's final norm and lm_head to block k's output and reports how often
   its top-1 token agrees with the final logits' top-1 (1 at the last block by construction).
 
-Records are plain dicts (one row per model × layer × metric × tokens × space), see ``RECORD_FIELDS``.
+Records are plain dicts (one row per model × layer × metric × tokens × space), see
+:mod:`supple.measure.records`.
 """
 
 from __future__ import annotations
@@ -25,25 +26,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..data import pad_token_batch
+from ..modeling import find_decoder_blocks, unwrap_model
 from ..regularizers.geometry import geometry_summary, norm_stats
 from .calibration import expected_calibration_error, next_token_stats
-from .models import find_decoder_blocks, find_final_norm, find_lm_head, unwrap_model
+from .lora import lora_update_spectra
+from .models import find_final_norm, find_lm_head
+from .records import record
 
-__all__ = ["RECORD_FIELDS", "MeasureRun", "collect", "measure_model", "run_records"]
+__all__ = ["MeasureRun", "collect", "geometry_records", "logits_records", "measure_model", "run_records",
+           "trajectory_records"]
 
-RECORD_FIELDS = (
-    "model",
-    "group",
-    "source",
-    "layer",
-    "module",
-    "metric",
-    "tokens",
-    "space",
-    "value",
-    "n",
-    "reference",
-)
 GEOMETRY_METRICS = (
     "erank",
     "erank_ratio",
@@ -58,29 +51,6 @@ TOKEN_SETS = ("all", "no_sink")
 SPACES = ("raw", "unit")
 
 
-def record(
-    model, group, source, metric, value, *, layer=None, module=None, tokens=None, space=None, n=None, **extra
-):
-    """One tidy row; ``value`` becomes a Python float (NaN when undefined)."""
-    if isinstance(value, torch.Tensor):
-        value = value.item()
-    row = {
-        "model": model,
-        "group": group,
-        "source": source,
-        "layer": layer,
-        "module": module,
-        "metric": metric,
-        "tokens": tokens,
-        "space": space,
-        "value": float(value) if value is not None else float("nan"),
-        "n": n,
-        "reference": None,
-    }
-    row.update(extra)
-    return row
-
-
 @dataclass
 class MeasureRun:
     """What one pass of a model over the texts collected (token states kept for the chosen layers)."""
@@ -92,7 +62,7 @@ class MeasureRun:
     first: torch.Tensor  # (n,) bool: token is the first position of its sequence
     token_ids: torch.Tensor  # (n,) the kept tokens, to check that two runs saw the same tokens
     logits: dict[str, torch.Tensor]  # per predicted position: entropy, confidence, correct, nll, brier
-    traj: dict[str, torch.Tensor]  # per-layer sums over tokens (see _Trajectory)
+    traj: dict[str, torch.Tensor]  # per-layer sums over tokens (see trajectory_records)
     lens: dict[str, torch.Tensor] = field(default_factory=dict)  # per-layer agreement counts
     texts_used: int = 0
 
@@ -149,7 +119,7 @@ def collect(
     """
     from tqdm.auto import tqdm
 
-    blocks = find_decoder_blocks(model)
+    _, blocks = find_decoder_blocks(model)
     num_blocks = len(blocks)
     keep_layers = _normalize_layers(layers, num_blocks)
     norm = find_final_norm(model)
@@ -200,13 +170,9 @@ def collect(
         for start in range(0, len(seqs), batch_size):
             if kept_total >= budget:
                 break
-            chunk = seqs[start : start + batch_size]
-            width = max(len(s) for s in chunk)
-            ids = torch.zeros(len(chunk), width, dtype=torch.long)
-            mask = torch.zeros(len(chunk), width, dtype=torch.long)
-            for i, s in enumerate(chunk):
-                ids[i, : len(s)] = torch.tensor(s)
-                mask[i, : len(s)] = 1
+            batch = pad_token_batch(seqs[start : start + batch_size], pad_id=0)
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            width = ids.shape[1]
             # keep tokens in reading order until the budget is met
             valid = mask.bool()
             order = valid.reshape(-1).nonzero().squeeze(1)
@@ -437,7 +403,5 @@ def measure_model(
     )
     rows = run_records(run, dtype)
     if lora:
-        from .lora import lora_update_spectra
-
         rows += lora_update_spectra(model, name=name)
     return rows

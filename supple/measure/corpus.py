@@ -1,8 +1,7 @@
-"""Built-in text corpora that need no download.
+"""The texts a measurement runs on: ``builtin:NAME`` or a local text / ``.jsonl`` file.
 
-``pydoc``: the prose paragraphs of the Python reference documentation shipped with Python itself
-(``pydoc_data.topics``), a general English technical corpus. Paragraphs come in a fixed order
-(topics sorted by name, then document order); the texts depend only on the Python version.
+The built-in corpora (``builtin:pydoc``, no download) live in :mod:`supple.data`, with the replay data;
+they are named here too for the measurement suite's callers.
 """
 
 from __future__ import annotations
@@ -10,54 +9,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..data import BUILTIN_CORPORA, load_builtin_corpus
+
 __all__ = ["BUILTIN_CORPORA", "load_builtin_corpus", "load_texts"]
-
-BUILTIN_CORPORA = ("pydoc",)
-_HEADING = re.compile(r"^[*=\-~^\"']{3,}$")
-
-
-def _pydoc_paragraphs() -> list[str]:
-    from pydoc_data.topics import topics
-
-    out = []
-    for key in sorted(topics):
-        for block in re.split(r"\n\s*\n", topics[key]):
-            lines = block.split("\n")
-            # skip code, grammar and tables (indented), headings and list-like fragments
-            if not lines or any(ln.startswith((" ", "\t")) for ln in lines):
-                continue
-            if any(_HEADING.match(ln.strip()) for ln in lines):
-                continue
-            text = re.sub(r"\s+", " ", " ".join(lines)).strip()
-            if ">>>" in text or "::=" in text:
-                continue
-            out.append(text)
-    return out
-
-
-def load_builtin_corpus(
-    name: str = "pydoc", min_chars: int = 200, max_chars: int | None = None, limit: int | None = None
-) -> list[str]:
-    """Deterministic list of paragraphs of a built-in corpus.
-
-    ``min_chars``: drop shorter paragraphs (headings, fragments). ``max_chars``: cut longer ones at the
-    last sentence end (or space) before the limit. ``limit``: at most this many, from the start.
-    """
-    name = name.removeprefix("builtin:")
-    if name != "pydoc":
-        raise ValueError(f"unknown built-in corpus {name!r}: available {', '.join(BUILTIN_CORPORA)}")
-    texts = []
-    for p in _pydoc_paragraphs():
-        if len(p) < min_chars:
-            continue
-        if max_chars and len(p) > max_chars:
-            cut = p[:max_chars]
-            end = max(cut.rfind(". "), cut.rfind(" "))
-            p = cut[: end + 1].strip() if end > 0 else cut
-        texts.append(p)
-        if limit is not None and len(texts) >= limit:
-            break
-    return texts
 
 
 def load_texts(spec: str, limit: int | None = None) -> list[str]:

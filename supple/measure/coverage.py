@@ -32,6 +32,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..data import pad_token_batch
+from ..modeling import find_decoder_blocks, resolve_layer_indices
 from ..regularizers.geometry import effective_rank
 
 DEFAULT_K = 5
@@ -65,8 +67,6 @@ def embed_texts(
     """Unit-normalized mean-pooled outputs of decoder block ``layer`` for each text: (len(texts), d) fp32."""
     from tqdm.auto import tqdm
 
-    from ..modeling import find_decoder_blocks, resolve_layer_indices
-
     _, blocks = find_decoder_blocks(model)
     (idx,) = resolve_layer_indices([layer], len(blocks), field="layer")
     captured = {}
@@ -84,15 +84,10 @@ def embed_texts(
         for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="embedding"):
             chunk = list(texts[start: start + batch_size])
             ids = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in chunk]
-            t = max(len(i) for i in ids)
-            input_ids = torch.full((len(ids), t), pad, dtype=torch.long)
-            mask = torch.zeros((len(ids), t), dtype=torch.long)
-            for r, seq in enumerate(ids):
-                input_ids[r, : len(seq)] = torch.tensor(seq)
-                mask[r, : len(seq)] = 1
-            model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            batch = pad_token_batch(ids, pad, device)
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             h = captured["h"].float()
-            m = mask.to(h.device).unsqueeze(-1).float()
+            m = batch["attention_mask"].to(h.device).unsqueeze(-1).float()
             pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
             out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
     finally:
@@ -166,8 +161,6 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     from .models import load_model
 
     model, tokenizer, _ = load_model(args.model)
-    from ..modeling import find_decoder_blocks
-
     n_blocks = len(find_decoder_blocks(model)[1])
     if not -n_blocks <= args.layer < n_blocks:
         raise ValueError(

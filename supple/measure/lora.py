@@ -1,27 +1,31 @@
 """Spectra of LoRA updates ΔW = s·B·A per module, and how much two adapters' subspaces overlap.
 
-A source of LoRA factors is a PEFT model (``PeftModel`` or a model with LoRA layers injected; the
-active adapter unless ``adapter_name`` is given), a saved adapter directory (``adapter_config.json`` +
+A source of LoRA factors is a PEFT model (``PeftModel`` or a model with LoRA layers injected, its
+layers found by :func:`supple.modeling.scan_lora_modules`, the one LoRA walker; the first active
+adapter, or ``adapter_name``), a saved adapter directory (``adapter_config.json`` +
 ``adapter_model.safetensors``, read by :func:`supple.measure.adapters.read_adapter`: safetensors only;
 no base model needed), or a ready mapping from
 :func:`lora_factors`. Module names are the base model's (``model.layers.3.self_attn.q_proj``).
-The scaling s is lora_alpha / r (lora_alpha / √r with rsLoRA), honouring rank/alpha patterns.
+The scaling s is lora_alpha / r (lora_alpha / √r with rsLoRA), honouring rank/alpha patterns. LoRA
+layers the walker does not support (AdaLoRA, LoRA on an embedding or a convolution) are left out, with a
+warning that names them.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..modeling import scan_lora_modules
 from ..regularizers.geometry import lora_delta_svd, singular_value_stats, subspace_overlap
 from .adapters import read_adapter
-from .core import record
-from .models import unwrap_model
+from .records import record
 
 __all__ = ["LoraFactors", "adapter_overlap", "lora_factors", "lora_update_spectra"]
 
@@ -71,32 +75,37 @@ def _factors_from_dir(path: Path) -> dict[str, LoraFactors]:
     return out
 
 
-def _factors_from_model(model, adapter_name: str | None) -> dict[str, LoraFactors]:
-    base = unwrap_model(model)
-    out = {}
-    for name, mod in base.named_modules():
-        la, lb, scal = (
-            getattr(mod, "lora_A", None),
-            getattr(mod, "lora_B", None),
-            getattr(mod, "scaling", None),
+def _factors_from_model(model: torch.nn.Module, adapter_name: str | None) -> dict[str, LoraFactors]:
+    """Factors of the linear LoRA layers :func:`~supple.modeling.scan_lora_modules` finds, by module name.
+
+    Without ``adapter_name``: the first active adapter of each layer (the walker lists the active ones in
+    order). With it: that adapter's factors, read from each layer the walker found.
+    """
+    scan = scan_lora_modules(model)
+    if scan.unsupported:
+        warnings.warn(
+            f"LoRA spectra leave out {len(scan.unsupported)} unsupported LoRA layer(s): "
+            f"{scan.describe_unsupported()}.",
+            stacklevel=3,
         )
-        if not isinstance(la, torch.nn.ModuleDict) or not isinstance(lb, torch.nn.ModuleDict) or scal is None:
+    out: dict[str, LoraFactors] = {}
+    for ref in scan.linear:
+        if ref.name in out:
             continue
+        a, b, scaling = ref.lora_a, ref.lora_b, ref.scaling
         if adapter_name is not None:
-            adapter = adapter_name
-        else:
-            active = getattr(mod, "active_adapters", None) or list(la.keys())
-            adapter = active[0] if active else None
-        if adapter not in la or adapter not in lb:
-            continue
-        a, b = la[adapter].weight, lb[adapter].weight
-        if a.dim() != 2 or b.dim() != 2:  # conv LoRA: not handled
-            continue
-        out[name] = LoraFactors(a.detach().float().cpu(), b.detach().float().cpu(), float(scal[adapter]))
+            mod = ref.module
+            if adapter_name not in mod.lora_A or adapter_name not in mod.lora_B:
+                continue
+            a, b = mod.lora_A[adapter_name].weight, mod.lora_B[adapter_name].weight
+            scaling = float(mod.scaling[adapter_name])
+        out[ref.name] = LoraFactors(a.detach().float().cpu(), b.detach().float().cpu(), float(scaling))
     return out
 
 
-def lora_factors(source, adapter_name: str | None = None) -> dict[str, LoraFactors]:
+def lora_factors(
+    source: torch.nn.Module | str | Path | Mapping[str, LoraFactors], adapter_name: str | None = None
+) -> dict[str, LoraFactors]:
     """``{module name: LoraFactors}`` of a PEFT model, a saved adapter directory, or such a mapping."""
     if isinstance(source, Mapping):
         return dict(source)
@@ -106,7 +115,11 @@ def lora_factors(source, adapter_name: str | None = None) -> dict[str, LoraFacto
     return _factors_from_model(source, adapter_name)
 
 
-def lora_update_spectra(source, adapter_name: str | None = None, name: str = "model") -> list[dict]:
+def lora_update_spectra(
+    source: torch.nn.Module | str | Path | Mapping[str, LoraFactors],
+    adapter_name: str | None = None,
+    name: str = "model",
+) -> list[dict]:
     """Per LoRA module: ``stable_rank``, ``effective_rank``, ``top_share`` (σ_1/Σσ) and ``frobenius``
     of ΔW (group "lora", source "lora_delta", layer = block index parsed from the module name, n = r).
     Empty when the source has no LoRA modules."""

@@ -1,8 +1,9 @@
-"""Finding the parts of a causal LM the measurements need, and loading the models the CLI names.
+"""The parts of a causal LM the measurements need beyond its decoder blocks, and loading the models
+the CLI names.
 
-Works on plain Hugging Face causal LMs and PEFT-wrapped ones: Llama / Qwen2 / Mistral / Gemma keep
-their decoder blocks in ``model.model.layers``, GPT-2 in ``transformer.h``, GPT-NeoX in
-``gpt_neox.layers``; anything else falls back to the largest ``nn.ModuleList`` of same-class modules.
+The decoder blocks come from :func:`supple.modeling.find_decoder_blocks`, the one block finder
+(``(qualified name, nn.ModuleList)``, on plain and PEFT-wrapped Hugging Face causal LMs); the final norm
+is looked up beside them, the output projection through ``get_output_embeddings()``.
 """
 
 from __future__ import annotations
@@ -13,29 +14,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..modeling import find_decoder_blocks as _find_blocks
-from ..modeling import unwrap_model
+from ..modeling import find_decoder_blocks, unwrap_model
 
-__all__ = ["find_decoder_blocks", "find_final_norm", "find_lm_head", "load_model", "unwrap_model"]
+__all__ = ["find_final_norm", "find_lm_head", "load_model"]
 
 _NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm")
 
 
-def _blocks_and_parent(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
-    base = unwrap_model(model)
-    name, blocks = _find_blocks(base)
-    parent = base.get_submodule(name.rpartition(".")[0]) if "." in name else base
-    return blocks, parent
-
-
-def find_decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks (transformer layers) of a causal LM, in order, as an ``nn.ModuleList``."""
-    return _blocks_and_parent(model)[0]
-
-
 def find_final_norm(model: nn.Module) -> nn.Module | None:
-    """The norm applied after the last decoder block (``model.norm``, ``transformer.ln_f``, ...), or None."""
-    _, parent = _blocks_and_parent(model)
+    """The norm applied after the last decoder block (``model.norm``, ``transformer.ln_f``, ...), or None:
+    looked up on the module that holds the block list."""
+    base = unwrap_model(model)
+    blocks_name, _ = find_decoder_blocks(base)
+    parent = base.get_submodule(blocks_name.rpartition(".")[0]) if "." in blocks_name else base
     for name in _NORM_NAMES:
         mod = getattr(parent, name, None)
         if isinstance(mod, nn.Module):

@@ -1,8 +1,9 @@
 """The plasticity probe: how well does a model still learn something new?
 
 A fresh LoRA is trained for a fixed number of steps on a held-out task (plain torch loop, AdamW,
-causal-LM loss) and the held-out loss of that task is recorded before, during and after. Report the start loss and the improvement, not only the final loss: a post-trained
-model can start further from the probe task (ARCHITECTURE.md, testbed notes).
+causal-LM loss) and the held-out loss of that task is recorded before, during and after. Report the
+start loss and the improvement, not only the final loss: a post-trained model can start further from
+the probe task (README.md, "Measure your model" and the demo's probe).
 
 Deterministic given ``seed`` (LoRA initialization and batch order; the global RNG is left untouched)
 and ``data_seed`` (the task's texts).
@@ -26,7 +27,8 @@ from typing import Union
 
 import torch
 
-from .models import unwrap_model
+from ..data import pad_token_batch
+from ..modeling import unwrap_model
 
 __all__ = ["PROBE_TASKS", "load_probe_task", "plasticity_probe", "register_probe_task", "reverse_task"]
 
@@ -125,21 +127,17 @@ def _encode(tokenizer, items: Sequence[ProbeItem], max_length: int) -> list[tupl
     return out
 
 
-def _batch(seqs, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s, _ in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    scored = torch.zeros(len(seqs), width, dtype=torch.bool)
-    for i, (s, start) in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-        scored[i, start : len(s)] = True
-    return ids.to(device), mask.to(device), scored.to(device)
+def _batch(
+    seqs: Sequence[tuple[list[int], int]], pad_id: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The padded batch of ``(token ids, first scored position)`` items: labels -100 before that position."""
+    return pad_token_batch([s for s, _ in seqs], pad_id, device, label_starts=[start for _, start in seqs])
 
 
-def _lm_loss(model, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor) -> tuple[torch.Tensor, int]:
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    tgt = ids[:, 1:].masked_fill(~scored[:, 1:], -100)
+def _lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the scored tokens of ``batch``, and their number."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    tgt = batch["labels"][:, 1:]
     total = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), ignore_index=-100, reduction="sum"
     )
@@ -152,7 +150,7 @@ def _eval_loss(model, seqs, pad_id, device, batch_size) -> float:
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(seqs), batch_size):
-        s, c = _lm_loss(model, *_batch(seqs[i : i + batch_size], pad_id, device))
+        s, c = _lm_loss(model, _batch(seqs[i : i + batch_size], pad_id, device))
         total += float(s)
         count += c
     model.train(was)
@@ -234,7 +232,7 @@ def plasticity_probe(
                 if len(order) < batch_size:
                     order += torch.randperm(len(train), generator=gen).tolist()
                 idx, order = order[:batch_size], order[batch_size:]
-                total, count = _lm_loss(peft_model, *_batch([train[i] for i in idx], pad_id, device))
+                total, count = _lm_loss(peft_model, _batch([train[i] for i in idx], pad_id, device))
                 loss = total / max(count, 1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -9,7 +9,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from .core import RECORD_FIELDS
+from .records import RECORD_FIELDS
 
 __all__ = ["plot_records", "read_records_json", "write_records_csv", "write_records_json", "write_summary"]
 
