@@ -7,6 +7,7 @@ import torch
 
 from supple.kernels import ipr_reference, orthogonality_reference
 from supple.regularizers import (
+    PENALTIES,
     decov,
     ipr,
     lora_cross_overlap,
@@ -73,34 +74,53 @@ def test_ipr_is_fp32_for_bf16_input():
     torch.testing.assert_close(p, ipr_reference(h.float())[0])
 
 
+def _unit_rows(h: torch.Tensor) -> torch.Tensor:
+    return h / h.norm(dim=1, keepdim=True)
+
+
+def _decov64(h: torch.Tensor) -> torch.Tensor:
+    """DeCov on correlations: Σ_{i≠j} R_ij² / (d(d−1)), R the feature correlation matrix."""
+    r = torch.corrcoef(h.T)
+    d = h.shape[1]
+    return ((r**2).sum() - (torch.diagonal(r) ** 2).sum()) / (d * (d - 1))
+
+
+def _vicreg64(h: torch.Tensor) -> torch.Tensor:
+    """mean_j relu(1 − √(C_jj + 1e-4)) + ‖offdiag C‖²_F / d, C the unbiased feature covariance."""
+    c = torch.cov(h.T)
+    var = torch.relu(1 - torch.sqrt(torch.diagonal(c) + 1e-4)).mean()
+    return var + ((c**2).sum() - (torch.diagonal(c) ** 2).sum()) / h.shape[1]
+
+
+# each penalty on row-normalized tokens, written from its formula (README.md, "The penalties")
+_NORMALIZED_FORMULAS = {
+    "ipr": lambda h: _ipr64(h, True),
+    "decov": lambda h: _decov64(_unit_rows(h)),
+    "vicreg": lambda h: _vicreg64(_unit_rows(h)),
+}
+
+
 def test_decov_matches_formula():
     gen = torch.Generator().manual_seed(1)
     h = torch.randn(40, 6, generator=gen, dtype=torch.float64) @ torch.randn(6, 6, generator=gen, dtype=torch.float64)
-    r = torch.corrcoef(h.T)
-    expected = (r**2).sum() - (torch.diagonal(r) ** 2).sum()
-    expected = expected / (6 * 5)
-    torch.testing.assert_close(decov(h).double(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(decov(h).double(), _decov64(h), rtol=1e-5, atol=1e-7)
 
 
 def test_vicreg_matches_formula():
     gen = torch.Generator().manual_seed(2)
     h = torch.randn(30, 5, generator=gen, dtype=torch.float64) * 0.3
-    c = torch.cov(h.T)
-    var = torch.relu(1 - torch.sqrt(torch.diagonal(c) + 1e-4)).mean()
-    off = ((c**2).sum() - (torch.diagonal(c) ** 2).sum()) / 5
-    torch.testing.assert_close(vicreg(h).double(), var + off, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(vicreg(h).double(), _vicreg64(h), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["decov", "vicreg", "ipr"])
-def test_penalty_value_and_grad_is_the_autograd_gradient(name):
-    from supple.regularizers import get_penalty
-
-    h = torch.randn(25, 7, generator=torch.Generator().manual_seed(3), requires_grad=True)
-    p_expected = get_penalty(name)(h, normalize=True)
-    (g_expected,) = torch.autograd.grad(p_expected, h)
-    p, g = penalty_value_and_grad(name, h.detach(), True)
-    torch.testing.assert_close(p, p_expected.detach())
-    torch.testing.assert_close(g, g_expected, rtol=1e-4, atol=1e-6)
+@pytest.mark.parametrize("name", PENALTIES)
+def test_penalty_value_and_grad_match_the_formula_and_its_float64_gradient(name):
+    h = torch.randn(25, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64).requires_grad_(True)
+    expected = _NORMALIZED_FORMULAS[name](h)
+    (g_expected,) = torch.autograd.grad(expected, h)
+    p, g = penalty_value_and_grad(name, h.detach().float(), True)
+    assert p.dtype == torch.float32 and g.dtype == torch.float32
+    torch.testing.assert_close(p.double(), expected.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g.double(), g_expected, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="unknown diversity penalty"):
         penalty_value_and_grad("pca", h.detach(), True)
 
@@ -136,7 +156,8 @@ def test_lora_penalty_extremes():
 
 
 def _clamped_formula(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """intra.sum() + 3·cross.sum() written with autograd ops, norms clamped as in ARCHITECTURE.md."""
+    """intra.sum() + 3·cross.sum() written with autograd ops (README.md, "The penalties"), row norms
+    clamped at 1e-6 as supple.kernels.orthogonality clamps them."""
     ah = a / a.norm(dim=2, keepdim=True).clamp_min(1e-6)
     g = ah @ ah.transpose(1, 2)
     r = a.shape[1]

@@ -1,6 +1,6 @@
 """Fused Triton kernels for the ipr penalty and its gradient (see :mod:`supple.kernels.covariance`).
 
-Math (ARCHITECTURE.md, "The penalty math"). H is (n, d); with ``normalize`` z_i = h_i / max(‖h_i‖, ε),
+Math (README.md, "How it works → The penalties"). H is (n, d); with ``normalize`` z_i = h_i / max(‖h_i‖, ε),
 Zc = Z − column mean, s = ‖Zc‖²_F, P = ‖ZcᵀZc‖²_F / s² and
 
     ∂P/∂Z = (4/s²)(Zc·ZcᵀZc − P·s·Zc),     ∂P/∂h_i = (g_i − (g_i·z_i) z_i) / ‖h_i‖.

@@ -1,6 +1,7 @@
 """The ipr (inverse participation ratio) penalty of token representations: value and gradient.
 
-Math (ARCHITECTURE.md). H is (n, d). With ``normalize`` each row is scaled to unit length,
+Math (README.md, "How it works → The penalties"; how the callback applies it: docs/design.md,
+"Diversity taps"). H is (n, d). With ``normalize`` each row is scaled to unit length,
 Z = H / max(‖h_i‖, 1e-6); otherwise Z = H. Zc = Z − column mean, s = ‖Zc‖²_F and
 
     P = ‖ZcᵀZc‖²_F / s²          (= ‖ZcZcᵀ‖²_F / s², computed on the smaller side)

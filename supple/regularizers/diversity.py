@@ -14,12 +14,12 @@ The callback passes ``SuppleConfig.diversity_normalize_tokens`` to every penalty
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..kernels.covariance import NORM_EPS, ipr_value_and_grad
 from ..kernels.covariance import ipr as _ipr
-
-PENALTIES = ("ipr", "decov", "vicreg")
 
 
 def _prep(h: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -66,23 +66,29 @@ def vicreg(h: torch.Tensor, normalize: bool = False) -> torch.Tensor:
     return var_term + off / d
 
 
+_PENALTY_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {"ipr": ipr, "decov": decov, "vicreg": vicreg}
+PENALTIES = tuple(_PENALTY_FUNCTIONS)  # the one list of penalty names (SuppleConfig validates against it)
+
+
+def get_penalty(name: str) -> Callable[..., torch.Tensor]:
+    """The differentiable penalty function called ``name`` (one of :data:`PENALTIES`)."""
+    try:
+        return _PENALTY_FUNCTIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown diversity penalty {name!r}: use one of {', '.join(PENALTIES)}") from None
+
+
 def penalty_value_and_grad(name: str, h: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Value (0-d fp32) and gradient (fp32, shape of ``h``) of the named penalty at ``h``, no graph kept."""
+    """Value (0-d fp32) and gradient (fp32, shape of ``h``) of the named penalty at ``h``, no graph kept.
+
+    ``ipr`` uses its hand-derived gradient (:func:`supple.kernels.covariance.ipr_value_and_grad`); the
+    others are differentiated by autograd.
+    """
+    fn = get_penalty(name)
     if name == "ipr":
         return ipr_value_and_grad(h, normalize)
-    fn = {"decov": decov, "vicreg": vicreg}.get(name)
-    if fn is None:
-        raise ValueError(f"unknown diversity penalty {name!r}: use one of {', '.join(PENALTIES)}")
     with torch.enable_grad():
         x = h.detach().float().requires_grad_(True)
         p = fn(x, normalize=normalize)
         (g,) = torch.autograd.grad(p, x)
     return p.detach(), g
-
-
-def get_penalty(name: str):
-    """The differentiable penalty function called ``name``."""
-    try:
-        return {"ipr": ipr, "decov": decov, "vicreg": vicreg}[name]
-    except KeyError:
-        raise ValueError(f"unknown diversity penalty {name!r}: use one of {', '.join(PENALTIES)}") from None
