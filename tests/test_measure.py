@@ -197,6 +197,33 @@ def test_lora_spectra_and_overlap(tok, tmp_path):
     )
 
 
+def test_lora_factors_name_the_adapter_and_warn_about_unsupported_layers(tok):
+    from peft import LoraConfig
+
+    pm = _peft(make_tiny_llama(tok))
+    pm.add_adapter("second", LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj"], lora_dropout=0.0))
+    q0 = pm.get_base_model().model.layers[0].self_attn.q_proj
+    second = lora_factors(pm, adapter_name="second")
+    assert set(second) == {f"model.layers.{k}.self_attn.q_proj" for k in (0, 1)}
+    f = second["model.layers.0.self_attn.q_proj"]
+    assert torch.equal(f.a, q0.lora_A["second"].weight.detach()) and f.scaling == 3.0
+    assert lora_factors(pm)["model.layers.0.self_attn.q_proj"].a.shape[0] == 4  # the active adapter
+    emb = _peft(make_tiny_llama(tok), targets=("q_proj", "embed_tokens"))
+    with pytest.warns(UserWarning, match="embed_tokens.*embedding"):
+        names = set(lora_factors(emb))
+    assert names == {f"model.layers.{k}.self_attn.q_proj" for k in (0, 1)}
+
+
+def test_pad_token_batch_labels_follow_the_mask_and_label_starts():
+    from supple.data import pad_token_batch
+
+    b = pad_token_batch([[5, 6, 7], [8, 9]], pad_id=1, label_starts=[2, 0])
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 9, 1]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert b["labels"].tolist() == [[-100, -100, 7], [8, 9, -100]]
+    assert pad_token_batch([[5, 6, 7], [8, 9]], pad_id=1)["labels"].tolist() == [[5, 6, 7], [8, 9, -100]]
+
+
 # ------------------------------------------------------------------------------------ corpus, probe
 def test_builtin_corpus_is_deterministic():
     a, b = load_builtin_corpus(), load_builtin_corpus()
