@@ -21,6 +21,7 @@ import torch
 from ..modeling import LoraModuleRef, LoraScan, find_lora_modules, scan_lora_modules
 from ..regularizers.lora import lora_penalties
 from .context import TrainingContext
+from .distributed import add_to_grad_, gather_stack, placement_key
 
 # A fresh adapter whose A rows already lie this much inside an earlier stage's subspace (mean ‖ÂU‖²/r) did
 # not start from a new random direction: random rows in d_in dimensions overlap k/d_in on average.
@@ -33,13 +34,17 @@ class _Group:
     bases: torch.Tensor | None  # (M, d_in, k) or None
     has_basis: torch.Tensor  # (M,) bool
     stack: torch.Tensor | None = None  # (M, r, d_in) buffer the A matrices are copied into each step
+    sharded: bool = False  # FSDP2: the A matrices are DTensors sharded alike; gathered once per step
 
     def stacked(self) -> torch.Tensor:
         """The group's A matrices copied into one reused (M, r, d_in) leaf tensor (no autograd link to them).
 
         Reusing the buffer matters on CPU: a fresh 50 MB tensor per step is a fresh mmap, page-faulted in.
+        Sharded A matrices are gathered whole with one all-gather for the group (M · r · d_in values).
         """
         with torch.no_grad():
+            if self.sharded:
+                return gather_stack(self.params)
             if self.stack is None:
                 self.stack = torch.empty((len(self.params), *self.params[0].shape), dtype=self.params[0].dtype,
                                          device=self.params[0].device)
@@ -88,10 +93,11 @@ class LoraDecorrelation:
                 )
         by_shape: dict[tuple[int, ...], list[LoraModuleRef]] = {}
         for r in refs:
-            by_shape.setdefault((tuple(r.lora_a.shape), r.lora_a.device, r.lora_a.dtype), []).append(r)
+            key = (tuple(r.lora_a.shape), r.lora_a.device, r.lora_a.dtype, placement_key(r.lora_a))
+            by_shape.setdefault(key, []).append(r)
         self.groups = []
         self.num_with_basis = 0
-        for (shape, device, _), members in by_shape.items():
+        for (shape, device, _, placed), members in by_shape.items():
             d_in = shape[1]
             group_bases = None
             has = torch.tensor([m.name in bases for m in members])
@@ -104,7 +110,7 @@ class LoraDecorrelation:
                         group_bases[i, :, : u.shape[1]] = u
                 group_bases = group_bases.to(device)
                 self.num_with_basis += int(has.sum())
-            self.groups.append(_Group([m.lora_a for m in members], group_bases, has))
+            self.groups.append(_Group([m.lora_a for m in members], group_bases, has, sharded=placed is not None))
         self.num_modules = len(refs)
 
     @torch.no_grad()
@@ -152,6 +158,10 @@ class LoraDecorrelation:
         if finite:
             for g, gr in zip(self.groups, grads):
                 rows = list(gr.unbind(0))
+                if g.sharded:  # every rank holds the whole gradient: each adds its own chunk
+                    for p, row in zip(g.params, rows):
+                        add_to_grad_(p, row, scale)
+                    continue
                 with_grad = [i for i, p in enumerate(g.params) if p.grad is not None]
                 if with_grad:
                     torch._foreach_add_([g.params[i].grad for i in with_grad], [rows[i] for i in with_grad],

@@ -26,6 +26,7 @@ from torch import nn
 from ..modeling import attention_token_mask, find_decoder_blocks, resolve_layer_indices, unwrap_model
 from ..regularizers.diversity import penalty_value_and_grad
 from .context import TrainingContext
+from .distributed import sum_over_ranks, world_size
 from .tokens import BatchMasks, real_token_indices, select_tokens, subsample, token_generator
 
 __all__ = ["DiversityTaps", "select_tokens", "token_generator"]
@@ -184,7 +185,13 @@ class DiversityTaps:
 
     # -- logging ------------------------------------------------------------------------------------
     def collect(self) -> tuple[float | None, int]:
-        """Mean finite penalty since the last call (None if none) and the number of skipped terms."""
+        """Mean finite penalty since the last call (None if none) and the number of skipped terms.
+
+        Under DDP/FSDP both are pooled over the ranks (a collective at each log, as the Trainer's loss), so the
+        logged value is the one a single process at the same global batch logs.
+        """
+        if world_size() > 1:
+            return self._collect_over_ranks()
         if not self.stats.finite:
             return None, 0
         finite = torch.stack(self.stats.finite).cpu()
@@ -200,6 +207,21 @@ class DiversityTaps:
                 "terms were skipped and are counted in supple/skipped_nonfinite."))
         mean = float(values[finite].mean()) if n_ok else None
         return mean, skipped
+
+    def _collect_over_ranks(self) -> tuple[float | None, int]:
+        finite = torch.stack(self.stats.finite).cpu() if self.stats.finite else torch.zeros(0, dtype=torch.bool)
+        values = torch.stack(self.stats.values).float().cpu() if self.stats.values else torch.zeros(0)
+        self.stats.values.clear()
+        self.stats.finite.clear()
+        local_skipped = int((~finite).sum())
+        pooled = sum_over_ranks(torch.stack([values[finite].double().sum(), finite.sum().double(),
+                                             torch.tensor(float(local_skipped), dtype=torch.float64)]))
+        total, n_ok, skipped = float(pooled[0]), int(pooled[1]), int(pooled[2])
+        if local_skipped:
+            self._warn_once("nonfinite", (
+                f"supple: the {self.penalty} diversity penalty was not finite in {local_skipped} micro-batch/block "
+                "term(s) on this rank; those terms were skipped and are counted in supple/skipped_nonfinite."))
+        return (total / n_ok if n_ok else None), skipped
 
     def take_samples(self) -> dict[int, torch.Tensor]:
         """The captured block outputs since the last call (for live metrics), emptied."""

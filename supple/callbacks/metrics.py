@@ -15,6 +15,7 @@ from torch import nn
 from ..modeling import find_lora_modules
 from ..regularizers.geometry import anisotropy, effective_rank, lora_delta_svd, singular_value_stats
 from .context import TrainingContext
+from .distributed import full_tensor
 from .diversity import DiversityTaps
 
 
@@ -52,10 +53,12 @@ def hidden_metrics(samples: dict[int, torch.Tensor], step: int) -> dict[str, flo
 
 
 def lora_metrics(model: nn.Module) -> dict[str, float]:
-    """Mean stable rank ‖ΔW‖²_F/σ₁² of the LoRA updates ΔW = scaling·B·A (0-update modules left out)."""
+    """Mean stable rank ‖ΔW‖²_F/σ₁² of the LoRA updates ΔW = scaling·B·A (0-update modules left out).
+
+    Sharded (FSDP2) A and B are gathered whole (a collective: every rank calls this at the same step)."""
     ranks = []
     for ref in find_lora_modules(model):
-        _, sv, _ = lora_delta_svd(ref.lora_a, ref.lora_b, ref.scaling)
+        _, sv, _ = lora_delta_svd(full_tensor(ref.lora_a.detach()), full_tensor(ref.lora_b.detach()), ref.scaling)
         r = float(singular_value_stats(sv)["stable_rank"])
         if math.isfinite(r):
             ranks.append(r)

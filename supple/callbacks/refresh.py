@@ -4,9 +4,10 @@ Each refresh at optimizer step s draws its randomness from a generator seeded by
 is deterministic given the seed, and a resumed run refreshes exactly like an uninterrupted one.
 Optimizer moments of re-initialized parameters (or rows/columns) are reset to zero.
 
-Under DDP every decision that changes parameters is identical on every rank (docs/design.md,
-"Refresh"): the noise and re-initializations come from the same (seed, step) generator, and ReDo's
-activation statistics are all-reduced across ranks before the dormant units are chosen.
+Under DDP and FSDP2 every decision that changes parameters is identical on every rank (docs/design.md,
+"Refresh"): the noise and re-initializations come from the same (seed, step) generator, always drawn in
+the parameter's full shape (a sharded rank then keeps its own chunk), and ReDo's activation statistics are
+all-reduced across ranks before the dormant units are chosen.
 :class:`RefreshPart` is the callback part.
 """
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from ..modeling import LoraModuleRef, LoraScan, find_decoder_blocks, find_lora_modules, scan_lora_modules
 from .context import TrainingContext
+from .distributed import edit_, full_tensor, local, local_shard, write_full_
 
 
 def refresh_generator(seed: int, step: int, what: str) -> torch.Generator:
@@ -39,18 +41,19 @@ def _reset_moments(optimizer, param: nn.Parameter, index=None, dim: int = 0) -> 
     for val in state.values():
         if isinstance(val, torch.Tensor) and val.shape == param.shape:
             if index is None:
-                val.zero_()
+                local(val).zero_()
             else:
-                val.index_fill_(dim, index.to(val.device), 0.0)
+                _fill_(val, dim, index)
 
 
 @torch.no_grad()
 def shrink_perturb_(params: list[nn.Parameter], alpha: float, sigma: float, generator: torch.Generator) -> None:
     """θ ← α·θ + σ·rms(θ)·ε, ε ~ N(0, 1), for each parameter (Ash & Adams 2020)."""
     for p in params:
-        rms = p.detach().float().pow(2).mean().sqrt()
-        noise = torch.randn(p.shape, generator=generator).to(p.device, torch.float32)
-        p.copy_((alpha * p.float() + sigma * rms * noise).to(p.dtype))
+        rms = full_tensor(p.detach().float().pow(2).mean()).sqrt()  # over the whole tensor, also when sharded
+        noise = local_shard(torch.randn(p.shape, generator=generator), p).to(p.device, torch.float32)
+        mine = local(p)
+        mine.copy_((alpha * mine.float() + sigma * rms.to(mine.device) * noise).to(p.dtype))
 
 
 @torch.no_grad()
@@ -60,7 +63,8 @@ def relora_(modules: list[LoraModuleRef], optimizer, generator: torch.Generator)
 
     The merge keeps the model's function. For DoRA, W ← m ⊙ (W + ΔW) / ‖W + ΔW‖_row and the magnitude
     vector is reset to the row norms of the merged W (so that with B = 0 the layer computes W·x), and the
-    magnitude's optimizer moments are zeroed too."""
+    magnitude's optimizer moments are zeroed too. Sharded (FSDP2) weights and adapters are merged on their
+    gathered values, and each rank writes back its own chunk."""
     for ref in modules:
         base = getattr(ref.module, "base_layer", None)
         weight = getattr(base, "weight", None)
@@ -69,19 +73,20 @@ def relora_(modules: list[LoraModuleRef], optimizer, generator: torch.Generator)
         if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise ValueError(f"relora: module {ref.name!r} has a quantized base weight ({weight.dtype}); cannot merge.")
         fan_in_fan_out = bool(getattr(ref.module, "fan_in_fan_out", False))
-        w = weight.float().T if fan_in_fan_out else weight.float()  # (out, in)
-        merged = w + ref.scaling * (ref.lora_b.float() @ ref.lora_a.float())
+        whole = full_tensor(weight).float()
+        w = whole.T if fan_in_fan_out else whole  # (out, in)
+        merged = w + ref.scaling * (full_tensor(ref.lora_b).float() @ full_tensor(ref.lora_a).float())
         if ref.magnitude is not None:  # DoRA: the layer computes m ⊙ (W + ΔW)/‖W + ΔW‖_row · x
             norm = merged.norm(dim=1)
-            merged = merged * (ref.magnitude.float().reshape(-1) / norm).unsqueeze(1)
-            ref.magnitude.copy_(merged.norm(dim=1).reshape(ref.magnitude.shape).to(ref.magnitude.dtype))
+            merged = merged * (full_tensor(ref.magnitude).float().reshape(-1) / norm).unsqueeze(1)
+            write_full_(ref.magnitude, merged.norm(dim=1).reshape(ref.magnitude.shape))
             _reset_moments(optimizer, ref.magnitude)
-        weight.copy_((merged.T if fan_in_fan_out else merged).to(weight.dtype))
-        a = torch.empty(ref.lora_a.shape)
+        write_full_(weight, merged.T if fan_in_fan_out else merged)
+        a = torch.empty(ref.lora_a.shape)  # the full shape: the draw does not depend on the sharding
         bound = 1.0 / math.sqrt(ref.lora_a.shape[1])  # kaiming_uniform_(a=sqrt(5)) bound for fan_in = d_in
         a.uniform_(-bound, bound, generator=generator)
-        ref.lora_a.copy_(a.to(ref.lora_a.device, ref.lora_a.dtype))
-        ref.lora_b.zero_()
+        write_full_(ref.lora_a, a)
+        local(ref.lora_b).zero_()
         _reset_moments(optimizer, ref.lora_a)
         _reset_moments(optimizer, ref.lora_b)
     return len(modules)
@@ -200,25 +205,32 @@ def redo_(tracker: DormantTracker, tau: float, optimizer, generator: torch.Gener
             if ref is not None:  # LoRA: refresh the adapter rows that feed the dormant units
                 bound = 1.0 / math.sqrt(ref.lora_b.shape[1])
                 rows = torch.empty(dormant.numel(), ref.lora_b.shape[1]).uniform_(-bound, bound, generator=generator)
-                ref.lora_b[dormant.to(ref.lora_b.device)] = rows.to(ref.lora_b.device, ref.lora_b.dtype)
+                _set_rows_(ref.lora_b, dormant, rows)
                 _reset_moments(optimizer, ref.lora_b, dormant, 0)
             else:
                 w = lin.weight
                 bound = 1.0 / math.sqrt(w.shape[1])
                 rows = torch.empty(dormant.numel(), w.shape[1]).uniform_(-bound, bound, generator=generator)
-                w[dormant.to(w.device)] = rows.to(w.device, w.dtype)
+                _set_rows_(w, dormant, rows)
                 _reset_moments(optimizer, w, dormant, 0)
                 if getattr(lin, "bias", None) is not None:
-                    lin.bias[dormant.to(w.device)] = 0
+                    _fill_(lin.bias, 0, dormant)
         ref = lora_by_module.get(id(down))
-        if ref is not None:
-            ref.lora_a[:, dormant.to(ref.lora_a.device)] = 0
-            _reset_moments(optimizer, ref.lora_a, dormant, 1)
-        else:
-            down.weight[:, dormant.to(down.weight.device)] = 0
-            _reset_moments(optimizer, down.weight, dormant, 1)
+        target = ref.lora_a if ref is not None else down.weight
+        _fill_(target, 1, dormant)
+        _reset_moments(optimizer, target, dormant, 1)
     tracker.reset()
     return total
+
+
+def _fill_(param: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+    """Zero ``param`` at whole-tensor ``index`` along ``dim`` (a sharded ``param`` zeroes what it holds)."""
+    edit_(param, lambda t: t.index_fill_(dim, index.to(t.device), 0.0))
+
+
+def _set_rows_(param: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """``param[index] = rows`` (whole-tensor row indices; a sharded ``param`` writes the rows it holds)."""
+    edit_(param, lambda t: t.index_copy_(0, index.to(t.device), rows.to(t.device, t.dtype)))
 
 
 class RefreshPart:

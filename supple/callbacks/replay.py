@@ -27,6 +27,7 @@ import torch
 
 from ..data import ReplayItem, pad_token_batch, tokenize_replay_item
 from .context import TrainingContext
+from .distributed import is_fsdp2_module
 
 
 @dataclass
@@ -149,10 +150,7 @@ class ReplayPart:
         if not self.term.is_replay_step(ctx.step):
             return
         model = ctx.wrapped_model()
-        sync = contextlib.nullcontext()
-        accelerator = getattr(ctx.trainer, "accelerator", None)
-        if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
-            sync = accelerator.no_sync(model)  # reduced together with the window's last micro-batch
+        sync = _no_sync(model, getattr(ctx.trainer, "accelerator", None))
         was_training = model.training
         model.train()
         self.pause(True)
@@ -174,3 +172,25 @@ class ReplayPart:
             out["supple/replay_loss"] = sum(self._losses) / len(self._losses)
             self._losses.clear()
         return out
+
+
+def _no_sync(model: torch.nn.Module, accelerator: Any) -> contextlib.AbstractContextManager:
+    """Defer the gradient reduction of the replay backward to the window's last micro-batch.
+
+    DDP: ``accelerator.no_sync``. An FSDP2 root (sharded by accelerate or by hand) keeps its unsharded
+    gradients until the next synced backward reduce-scatters their sum. One process: nothing to defer.
+    """
+    if is_fsdp2_module(model):
+        return _fsdp2_no_sync(model)
+    if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
+        return accelerator.no_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp2_no_sync(model: Any):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)

@@ -21,6 +21,7 @@ from ..data import load_replay_items
 from ..modeling import scan_lora_modules
 from .context import TrainingContext, discover_trainer
 from .decorrelation import DecorrelationPart
+from .distributed import check_backend
 from .diversity import DiversityTaps
 from .metrics import MetricsPart
 from .refresh import RefreshPart
@@ -273,15 +274,10 @@ def _check_trainer(cb: SuppleCallback, trainer: Any, model: Any, explicit: bool)
 def _build_parts(cfg: SuppleConfig, ctx: TrainingContext, objects: dict) -> _Run:
     """Every part of the run, each validated; nothing is attached yet (see docs/design.md)."""
     run = _Run(ctx, cfg)
-    model, trainer = ctx.model, ctx.trainer
+    model = ctx.model
     wants_params = cfg.decorrelation_weight > 0 or cfg.decorrelation_cross_weight > 0
     scan = scan_lora_modules(model)
-    if wants_params and (getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False)):
-        raise ValueError(
-            "supple's LoRA decorrelation adds gradients to the LoRA parameters, which DeepSpeed and FSDP "
-            "shard or manage themselves; it is not supported there. Use DDP, or set "
-            "decorrelation_weight and decorrelation_cross_weight to 0."
-        )
+    check_backend(cfg, ctx, replay=cfg.replay_data is not None or objects.get("replay_dataset") is not None)  # DeepSpeed / FSDP1: refuse what they cannot carry (FSDP2 carries everything)
     if cfg.diversity_weight > 0 or cfg.metrics_every > 0:
         run.taps = DiversityTaps(cfg.diversity_penalty, cfg.diversity_weight, cfg.diversity_layers,
                                  cfg.diversity_max_tokens, cfg.diversity_normalize_tokens, cfg.metrics_every, model)
