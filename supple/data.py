@@ -75,6 +75,33 @@ def load_builtin_corpus(
     return texts
 
 
+def read_jsonl(path: str | Path, where: str | None = None) -> list[tuple[int, Any]]:
+    """``(line number, parsed value)`` of every non-blank line of a JSON-lines file, numbered from 1.
+
+    A line that is not valid JSON raises ``ValueError("WHERE, line N: not valid JSON (...)")``; ``where``
+    defaults to the path.
+    """
+    where = str(path) if where is None else where
+    out = []
+    for no, ln in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not ln.strip():
+            continue
+        try:
+            out.append((no, json.loads(ln)))
+        except ValueError as exc:
+            raise ValueError(f"{where}, line {no}: not valid JSON ({exc.msg})") from None
+    return out
+
+
+def read_text_file(path: str | Path) -> list[str]:
+    """The texts of a plain text file: paragraphs separated by blank lines, or one text per line when it
+    has no blank line; each stripped, empty ones dropped."""
+    raw = Path(path).read_text(encoding="utf-8").strip()
+    if re.search(r"\n\s*\n", raw):
+        return [p.strip() for p in re.split(r"\n\s*\n", raw) if p.strip()]
+    return [ln.strip() for ln in raw.splitlines() if ln.strip()]
+
+
 def _items_from_rows(rows: Sequence[dict], where: str) -> list[ReplayItem]:
     if not rows:
         raise ValueError(f"replay data {where} is empty: give at least one text.")
@@ -111,18 +138,13 @@ def load_replay_items(spec: str | None = None, dataset: Any | None = None) -> li
         )
     where = f"{spec!r}"
     if path.suffix == ".jsonl":
-        rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        return _items_from_rows(rows, where)
+        return _items_from_rows([row for _, row in read_jsonl(path, spec)], where)
     if path.suffix == ".parquet":
         from datasets import Dataset
 
         ds = Dataset.from_parquet(str(path))
         return _items_from_rows([ds[i] for i in range(len(ds))], where)
-    raw = path.read_text(encoding="utf-8").strip()
-    if re.search(r"\n\s*\n", raw):
-        texts = [p.strip() for p in re.split(r"\n\s*\n", raw) if p.strip()]
-    else:
-        texts = [ln.strip() for ln in raw.splitlines() if ln.strip()]
+    texts = read_text_file(path)
     if not texts:
         raise ValueError(f"replay data {where} is empty: give at least one text.")
     return texts

@@ -6,10 +6,9 @@ they are named here too for the measurement suite's callers.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from ..data import BUILTIN_CORPORA, load_builtin_corpus
+from ..data import BUILTIN_CORPORA, load_builtin_corpus, read_jsonl, read_text_file
 
 __all__ = ["BUILTIN_CORPORA", "load_builtin_corpus", "load_texts"]
 
@@ -22,23 +21,12 @@ def load_texts(spec: str, limit: int | None = None) -> list[str]:
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"no such text file {spec!r} (or use builtin:pydoc)")
-    raw = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        import json
-
         texts = []
-        for no, ln in enumerate(raw.splitlines(), start=1):
-            if not ln.strip():
-                continue
-            try:
-                row = json.loads(ln)
-            except ValueError as exc:
-                raise ValueError(f"{spec}, line {no}: not valid JSON ({exc.msg})") from None
+        for no, row in read_jsonl(path, spec):
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise ValueError(f"{spec}, line {no}: expected an object with a string 'text' field")
             texts.append(row["text"])
-    elif re.search(r"\n\s*\n", raw.strip()):
-        texts = [p.strip() for p in re.split(r"\n\s*\n", raw) if p.strip()]
     else:
-        texts = [ln.strip() for ln in raw.splitlines() if ln.strip()]
+        texts = read_text_file(path)
     return texts[:limit] if limit is not None else texts

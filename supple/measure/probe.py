@@ -27,7 +27,7 @@ from typing import Union
 
 import torch
 
-from ..data import pad_token_batch
+from ..data import pad_token_batch, read_jsonl
 from ..modeling import unwrap_model
 
 __all__ = ["PROBE_TASKS", "load_probe_task", "plasticity_probe", "register_probe_task", "reverse_task"]
@@ -78,19 +78,11 @@ def load_probe_task(
     from .corpus import load_texts
 
     if spec.endswith(".jsonl"):
-        import json
-
         path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"no such probe task file {spec!r} (or use builtin:reverse)")
         texts = []
-        for no, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not ln.strip():
-                continue
-            try:
-                r = json.loads(ln)
-            except ValueError as exc:
-                raise ValueError(f"{spec}, line {no}: not valid JSON ({exc.msg})") from None
+        for no, r in read_jsonl(path, spec):
             if isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("completion"), str):
                 texts.append((r["prompt"], r["completion"]))
             elif isinstance(r, dict) and isinstance(r.get("text"), str):
