@@ -60,3 +60,85 @@ def test_fsdp2_equals_one_process(tmp_path, method):
     assert logs[-1]["supple/refreshes"] >= 1
     if method == "redo":
         assert sum(h.get("supple/redo_units", 0) for h in logs) > 0, "no unit was recycled: the test has no teeth"
+
+
+# -- what each backend supports, refused at train begin (DeepSpeed cannot run here: its trainer is faked) ----------
+
+def _ctx(fp16: bool = False, **trainer):
+    from types import SimpleNamespace
+
+    from supple.callbacks.context import TrainingContext
+
+    return TrainingContext(SimpleNamespace(fp16=fp16, world_size=2), SimpleNamespace(global_step=0),
+                           torch.nn.Linear(2, 2), SimpleNamespace(**trainer))
+
+
+def _deepspeed(stage: int) -> dict:
+    from types import SimpleNamespace
+
+    plugin = SimpleNamespace(zero_stage=stage)
+    return {"is_deepspeed_enabled": True, "accelerator": SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))}
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("decorrelation_weight", 0.1, "LoRA decorrelation"),
+    ("replay_data", "builtin:pydoc", "replay"),
+    ("refresh_method", "shrink_perturb", "refresh"),
+])
+def test_deepspeed_refuses_parameter_terms_before_fsdp_alternative(field, value, needle):
+    from supple import SuppleConfig
+    from supple.callbacks.distributed import check_backend
+
+    cfg = SuppleConfig(**{field: value})
+    with pytest.raises(ValueError, match=needle) as err:
+        check_backend(cfg, _ctx(**_deepspeed(2)), replay=cfg.replay_data is not None)
+    assert "FSDP2" in str(err.value) and "supports only the hidden-state term" in str(err.value)
+
+
+def test_deepspeed_hidden_state_term_fp16_and_zero3_metrics_refused_bf16_allowed_not_fsdp():
+    from supple import SuppleConfig
+    from supple.callbacks.distributed import check_backend
+
+    check_backend(SuppleConfig(diversity_weight=0.1, metrics_every=2), _ctx(**_deepspeed(2)))  # allowed
+    with pytest.raises(ValueError, match="fp16.*loss scale"):
+        check_backend(SuppleConfig(diversity_weight=0.1), _ctx(fp16=True, **_deepspeed(2)))
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        check_backend(SuppleConfig(diversity_weight=0.1, metrics_every=2), _ctx(**_deepspeed(3)))
+
+
+def test_fsdp1_refuses_parameter_terms_fsdp2_accepts_them():
+    from types import SimpleNamespace
+
+    from supple import SuppleConfig
+    from supple.callbacks.distributed import check_backend
+
+    cfg = SuppleConfig(decorrelation_weight=0.1, refresh_method="relora", metrics_every=1)
+    with pytest.raises(ValueError, match="FSDP1 flattens.*fsdp_version: 2"):
+        check_backend(cfg, _ctx(is_fsdp_enabled=True, accelerator=SimpleNamespace(is_fsdp2=False)))
+    check_backend(cfg, _ctx(is_fsdp_enabled=True, accelerator=SimpleNamespace(is_fsdp2=True)))
+    check_backend(SuppleConfig(diversity_weight=0.1), _ctx(is_fsdp_enabled=True,
+                                                          accelerator=SimpleNamespace(is_fsdp2=False)))
+
+
+def test_deepspeed_refusal_through_the_callback_attaches_nothing_not_fsdp(tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    from supple import SuppleCallback, SuppleConfig
+    from tests._runs import lora_config, sft_dataset
+    from tests._tiny import make_tiny_llama, make_tokenizer
+
+    tok = make_tokenizer()
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                     use_cpu=True, bf16=False, max_length=32, save_strategy="no", disable_tqdm=True)
+    tr = SFTTrainer(model=make_tiny_llama(tok), args=args, train_dataset=sft_dataset(4), processing_class=tok,
+                    peft_config=lora_config())
+    tr.is_deepspeed_enabled = True  # as the Trainer sets it under a DeepSpeed config
+    def hooks() -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tr.model.modules())
+
+    before = hooks()
+    cb = SuppleCallback(SuppleConfig(diversity_weight=0.1, decorrelation_weight=0.1)).attach(tr)
+    with pytest.raises(ValueError, match="DeepSpeed.*LoRA decorrelation"):
+        cb.on_train_begin(tr.args, tr.state, tr.control, model=tr.model)
+    assert hooks() == before
+    assert cb.trainer is None
