@@ -11,6 +11,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from supple.testbed import tasks as T
 from supple.testbed.pipeline import (
@@ -298,3 +299,61 @@ def test_demo_quick_embedded(tmp_path):
     res = _check_outputs(tmp_path, [0], ["baseline", "supple"], ["sft", "dpo", "sft2"])
     assert res["meta"]["model"] == "SmolLM2-135M-Instruct"
     assert res["meta"]["total_s"] < 15 * 60
+
+
+def test_demo_ablation_save_models_resume(tmp_path, capsys):
+    """`--ablation` runs every arm paired by seed; `--save-models` keeps safetensors checkpoints; `--resume`
+    reruns nothing that finished; the verdict has every arm's recovered shares."""
+    from safetensors.torch import load_file
+
+    from supple.cli import main
+    from supple.testbed.settings import ABLATION_ARMS
+
+    out, models = tmp_path / "abl", tmp_path / "models"
+    argv = ["demo", "--model", "tiny", "--preset", "smoke", "--ablation", "--seeds", "1", "--out", str(out),
+            "--no-progress", "--save-models", str(models)]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    arms = [a for a in ABLATION_ARMS if a != "decorrelation"]  # full fine-tuning: no LoRA factors
+    assert res["meta"]["arms"] == arms and any("decorrelation" in n for n in res["meta"]["notes"])
+    an = res["analysis"]
+    assert set(an["arms"]) == set(arms)
+    for arm in arms:
+        assert {"recovered OOD", "recovered probe reverse_words", "recovered probe number_words"} <= set(an["arms"][arm])
+    assert (out / "recovered.png").stat().st_size > 0
+    # one merged checkpoint per (seed, arm, stage), safetensors only
+    ckpt = models / "seed0" / "baseline" / "sft2"
+    assert (ckpt / "model.safetensors").is_file() and not list(ckpt.glob("*.bin"))
+    base_w = load_file(ckpt / "model.safetensors")
+    # the boundary refresh changes the weights the next stage starts from: its checkpoints differ from baseline's
+    other = load_file(models / "seed0" / "refresh_boundary" / "sft2" / "model.safetensors")
+    assert any(not torch.equal(base_w[k], other[k]) for k in base_w)
+    lines = (out / "jobs.jsonl").read_text().splitlines()
+    assert len(lines) == 1 + len(arms)
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0  # nothing left to run: same records, journal unchanged
+    assert (out / "jobs.jsonl").read_text().splitlines() == lines
+    again = json.loads((out / "results.json").read_text())
+    assert [r["probe"]["final_loss"] for r in again["records"]] == [r["probe"]["final_loss"] for r in res["records"]]
+
+
+def test_demo_workers_equal_one_process(tmp_path):
+    """Jobs in two spawned worker processes give exactly the records of one process."""
+    budget = PRESETS["smoke"]
+    kw = dict(model="tiny", budget=budget, stages="sft,dpo", seeds=[0, 1], arms=["baseline", "l2_anchor"],
+              progress=False)
+    one = run_demo(DemoConfig(**kw, out=str(tmp_path / "one"), workers=1))
+    two = run_demo(DemoConfig(**kw, out=str(tmp_path / "two"), workers=2))
+    assert two["meta"]["workers"] == 2
+
+    def key(r):
+        return (r["seed"], r["arm"], r["stage_index"])
+
+    a = {key(r): r for r in one["records"]}
+    b = {key(r): r for r in two["records"]}
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k]["probe"]["final_loss"] == b[k]["probe"]["final_loss"], k
+        assert a[k]["tasks"]["arithmetic"]["answer_ce"] == b[k]["tasks"]["arithmetic"]["answer_ce"], k
+    # the L2 anchor pulls toward the pre-stage weights: it changes training
+    assert a[(0, "l2_anchor", 1)]["tasks"]["arithmetic"]["answer_ce"] != a[(0, "baseline", 1)]["tasks"]["arithmetic"]["answer_ce"]

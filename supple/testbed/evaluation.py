@@ -45,16 +45,38 @@ def load_testbed_model(spec: str):
 
 
 # ------------------------------------------------------------------------------------------- evaluation
-def probe_texts(family: str, n_train: int, n_eval: int, seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Probe items of a family as ``(prompt, completion)`` pairs, ``("QUESTION\\nAnswer:", " ANSWER")``: the
-    probe's loss covers the answer's tokens only (the question is unpredictable and would dominate the loss).
-    The held-out items are the family's fixed evaluation stream; the training items are drawn with ``seed``."""
-    fam = T.get_family(family)
+def probe_texts(family: str, n_train: int, n_eval: int, seed: int, fmt: str = "plain",
+                tok=None) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Probe items of a family as ``(prompt, completion)`` pairs; the probe's loss covers the completion's tokens
+    only (the question is unpredictable and would dominate the loss).
 
-    def pair(ex):
-        return f"{ex.question}\nAnswer:", f" {ex.answer}"
+    ``fmt="plain"``: ``("QUESTION\\nAnswer:", " ANSWER")``. ``fmt="chat"``: the prompt as the stages see it (the
+    tokenizer's chat template with the testbed's system prompt and the generation prompt) and the answer followed
+    by the template's end-of-turn text. The held-out items are the family's fixed evaluation stream; the training
+    items are drawn with ``seed``."""
+    fam = T.get_family(family)
+    if fmt not in ("plain", "chat"):
+        raise ValueError(f"probe format {fmt!r}: use 'plain' or 'chat'")
+    if fmt == "chat":
+        if tok is None:
+            raise ValueError("the chat probe format needs the tokenizer")
+        end = _end_of_turn(tok)
+
+        def pair(ex):
+            return _render(tok, T.prompt_messages(ex), True), f"{ex.answer}{end}"
+    else:
+        def pair(ex):
+            return f"{ex.question}\nAnswer:", f" {ex.answer}"
 
     return [pair(e) for e in fam.train_examples(n_train, seed, split="probe")], [pair(e) for e in fam.eval_examples(n_eval)]
+
+
+def _end_of_turn(tok) -> str:
+    """What the chat template writes after an assistant message's content (e.g. ``<|im_end|>``)."""
+    probe = "\x00supple\x00"
+    text = _render(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}], False)
+    tail = text.split(probe, 1)[1] if probe in text else ""
+    return tail.rstrip("\n") or (tok.eos_token or "")
 
 
 def _render(tok, msgs, add_generation_prompt: bool) -> str:
@@ -186,7 +208,8 @@ def probe_summary(model, tok, family: str, budget: Budget, name: str) -> dict:
 
     runs = []
     for ps in range(budget.probe_seeds):
-        train, held = probe_texts(family, budget.probe_steps * budget.probe_batch, budget.probe_eval, ps)
+        train, held = probe_texts(family, budget.probe_steps * budget.probe_batch, budget.probe_eval, ps,
+                                  budget.probe_format, tok)
         runs.append(plasticity_probe(
             model, tok, train, held, steps=budget.probe_steps, lr=budget.probe_lr, rank=budget.probe_rank,
             alpha=2.0 * budget.probe_rank, batch_size=budget.probe_batch, seed=ps,

@@ -48,6 +48,7 @@ from .runner import _record
 from .settings import (
     ARM_TABLE,
     ARMS,
+    MAIN_ARMS,
     PRESETS,
     SUPPLE_ARM_DEFAULTS,
     Budget,
@@ -105,7 +106,7 @@ class DemoConfig:
     budget: Budget = field(default_factory=Budget)
     stages: str = "sft,dpo,sft2"
     seeds: Sequence[int] = (0, 1)
-    arms: Sequence[str] = ARMS
+    arms: Sequence[str] = MAIN_ARMS
     lora: bool = False  # full fine-tuning (the regime where the baseline loses plasticity); True: LoRA stages
     supple_overrides: dict = field(default_factory=dict)
     out: str | None = "supple-demo"

@@ -97,6 +97,7 @@ class Budget:
     probe_rank: int = 8
     probe_eval: int = 64
     probe_seeds: int = 2
+    probe_format: str = "plain"  # "plain" (QUESTION\nAnswer: ANSWER) or "chat" (the stages' chat template)
     probe_every_stage: bool = False  # True: probe after every stage (default: the base model and the last stage)
     geometry_texts: int = 8
     geometry_tokens: int = 384
