@@ -26,9 +26,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """``USER_ERRORS`` plus the testbed's "embedded model not installed" error (its message says how)."""
+    """``USER_ERRORS`` plus the "embedded model not installed" error (its message says how)."""
     try:
-        from supple.testbed.embedded import EmbeddedModelMissing
+        from supple.measure.embedded import EmbeddedModelMissing
     except ImportError:
         return USER_ERRORS
     return (*USER_ERRORS, EmbeddedModelMissing)

@@ -93,19 +93,31 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return name, blocks
 
 
-def resolve_layer_indices(indices: list[int], n_layers: int, field: str = "diversity_layers") -> list[int]:
-    """Map possibly negative block indices to ``0..n_layers-1``; ValueError naming the field otherwise."""
+def resolve_layer_indices(
+    indices: list[int], n_layers: int, field: str = "diversity_layers", *, label: str | None = None,
+    dedupe: bool = False,
+) -> list[int]:
+    """Map possibly negative block indices to ``0..n_layers-1``; ValueError naming what is resolved otherwise.
+
+    By default the error names ``SuppleConfig.{field}``; ``label`` names something else instead (a CLI
+    option, a function argument: ``label="--layer"`` gives "--layer 5 is out of range ..."). A block named
+    twice is an error, unless ``dedupe``: then the result is the sorted distinct blocks.
+    """
     out = []
     for i in indices:
         j = i + n_layers if i < 0 else i
         if not 0 <= j < n_layers:
+            where = f"{label} {i}" if label is not None else f"SuppleConfig.{field}={list(indices)!r}: index {i}"
             raise ValueError(
-                f"SuppleConfig.{field}={list(indices)!r}: index {i} is out of range for a model with "
+                f"{where} is out of range for a model with "
                 f"{n_layers} decoder blocks; use 0..{n_layers - 1} or -1..-{n_layers}."
             )
         out.append(j)
+    if dedupe:
+        return sorted(set(out))
     if len(set(out)) != len(out):
-        raise ValueError(f"SuppleConfig.{field}={list(indices)!r} names the same block twice.")
+        where = f"{label} {list(indices)!r}" if label is not None else f"SuppleConfig.{field}={list(indices)!r}"
+        raise ValueError(f"{where} names the same block twice.")
     return out
 
 

