@@ -71,11 +71,13 @@ def analyze(results: dict) -> dict:
     for fam in probes:
         b = _get(base, probe_fn(fam))
         vals = col("baseline", last, probe_fn(fam))
-        problem[f"probe {fam}"] = {"base": b, **paired_difference(vals, [b] * len(vals)),
-                                   "noise": _get(base, probe_fn(fam, "final_loss_spread"))}
+        d = paired_difference(vals, [b] * len(vals))
+        problem[f"probe {fam}"] = {"base": b, **d, "noise": _get(base, probe_fn(fam, "final_loss_spread")),
+                                   "degraded": d["lo"] > 0}  # the probe loss rose, CI above 0
     b_ood = _get(base, ood_fn)
     vals = col("baseline", last, ood_fn)
-    problem[f"OOD acc {ood}"] = {"base": b_ood, **paired_difference(vals, [b_ood] * len(vals))}
+    d = paired_difference(vals, [b_ood] * len(vals))
+    problem[f"OOD acc {ood}"] = {"base": b_ood, **d, "degraded": d["hi"] < 0}  # accuracy fell, CI below 0
     out["problem"] = problem
     noise = [r["probes"][f]["final_loss_spread"] for r in records for f in probes
              if r.get("probes") and f in r["probes"] and "final_loss_spread" in r["probes"][f]]
@@ -132,9 +134,12 @@ def _goal(out: dict, arm: str) -> dict:
     difference does not lie above 0), every stage's quality within 5 % of the baseline's."""
     a = out["arms"][arm]
     checks = {}
-    for fam in out["probes"]:
-        s = a[f"recovered probe {fam}"]
-        checks[f"probe {fam}"] = s["estimate"] >= 0.5 and s["lo"] > 0
+    for fam in out["probes"]:  # a probe on which the baseline lost no plasticity has no gap to recover
+        if out["problem"][f"probe {fam}"]["degraded"]:
+            s = a[f"recovered probe {fam}"]
+            checks[f"probe {fam}"] = s["estimate"] >= 0.5 and s["lo"] > 0
+    if not any(k.startswith("probe") for k in checks):
+        checks["plasticity loss to recover"] = False
     s = a["recovered OOD"]
     checks["OOD"] = s["estimate"] >= 0.5 and s["lo"] > 0
     f = next(v for k, v in a.items() if k.endswith("CE vs baseline"))

@@ -79,6 +79,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--resume", action="store_true",
                    help="reuse the (seed, arm) jobs that a previous run into the same --out with the same settings "
                    "finished (kept in OUT/jobs.jsonl as each job ends) and run only the rest")
+    p.add_argument("--report-only", action="store_true",
+                   help="with --resume: train nothing; write the tables and plots for the arms whose every seed "
+                   "finished (e.g. while a long --ablation is still running)")
     p.add_argument("--keep-workdir", action="store_true", help="keep the temporary work directory (trainer outputs, replay corpus file)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
@@ -133,7 +136,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         keep_workdir=args.keep_workdir,
         threads=args.threads,
         save_models=args.save_models,
-        resume=args.resume,
+        resume=args.resume or args.report_only,
+        report_only=args.report_only,
         command="supple " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["demo"] else None,
     )
     from .embedded import EmbeddedModelMissing

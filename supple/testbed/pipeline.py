@@ -115,6 +115,7 @@ class DemoConfig:
     command: str | None = None
     threads: int | None = None  # torch threads per process; None = auto_threads() (1 for the tiny model or workers)
     workers: int = 1  # processes running (seed, arm) jobs in parallel
+    report_only: bool = False  # with resume: run nothing, report the arms whose every seed finished
     resume: bool = False  # reuse the jobs a previous run with the same settings finished (``out``/jobs.jsonl)
     announce: Any = None  # a function printing one line: the plan, before the run starts
     save_models: str | None = None  # keep every arm's merged checkpoint after every stage (safetensors) here
@@ -229,6 +230,17 @@ def run_demo(cfg: DemoConfig) -> dict:
     journal = _Journal(cfg, stages)
     done = journal.load() if cfg.resume else {}
     todo = [j for j in jobs if (j.seed, j.arm) not in done]
+    if cfg.report_only:  # tables from what a run finished: arms missing a seed are left out
+        missing = {j.arm for j in todo}
+        if None in missing:
+            raise ValueError(f"--report-only: {journal.path} has no finished base-model job for these settings")
+        for a in sorted(missing, key=arms.index):
+            arms.remove(a)
+            notes.append(f"arm {a!r} left out: not every seed finished (--report-only)")
+        if not arms:
+            raise ValueError("--report-only: no arm finished every seed")
+        jobs = [j for j in jobs if j.arm is None or j.arm in arms]
+        todo = []
     total -= sum(units_eval if j.seed is None else sum(s.steps + units_eval for s in stages)
                  for j in jobs if (j.seed, j.arm) in done)
     if cfg.announce:
@@ -325,9 +337,21 @@ class _Journal:
                     row = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by an interruption
                     continue
-                if row.get("signature") == self.signature:
+                if row.get("signature") == self.signature or self._compatible(row.get("signature")):
                     out[(row["seed"], row["arm"])] = row["out"]
         return out
+
+    def _compatible(self, stored: str | None) -> bool:
+        """Same settings, written before a newer version added budget fields: a field missing from the stored
+        signature matches when this run uses its default value."""
+        if not stored:
+            return False
+        old, new = json.loads(stored), json.loads(self.signature)
+        defaults = json.loads(json.dumps(asdict(Budget()), default=str))
+        ob, nb = old.pop("budget", {}), new.pop("budget", {})
+        if old != new or any(ob[k] != v for k, v in nb.items() if k in ob):
+            return False
+        return all(nb[k] == defaults.get(k) for k in nb if k not in ob) and set(ob) <= set(nb)
 
     def add(self, job, out: dict) -> None:
         if not self.path:

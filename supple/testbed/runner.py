@@ -218,6 +218,8 @@ def run_jobs(setup: JobSetup, jobs: list[Job], workers: int, threads: int, tick:
     """Run ``jobs`` (in order of the list) on ``workers`` spawned processes of ``threads`` torch threads each, or
     in this process when ``workers`` is 1. ``on_done(job, result)`` is called as each job finishes (the demo keeps
     finished jobs on disk with it). Results come back in the order of ``jobs``."""
+    if not jobs:
+        return []
     if workers <= 1:
         base_model, tok, _ = _load(setup.cfg.model)
         results = []

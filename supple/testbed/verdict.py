@@ -8,9 +8,9 @@ import math
 __all__ = ["VERDICT_LEGEND", "format_verdict", "plot_recovered", "verdict_markdown"]
 
 VERDICT_LEGEND = [
-    "recovered = share of the baseline's degradation (vs the base model) the arm wins back at the last stage: "
+    "rec = recovered: the share of the baseline's degradation (vs the base model) the arm wins back at the last stage: "
     "1 = as good as the base model, 0 = no better than the baseline, < 0 = worse; [95 % paired bootstrap CI over "
-    "training seeds]",
+    "training seeds]; 'no loss' = the baseline did not degrade there (paired CI), so there is nothing to recover",
     "probe X = plasticity probe loss on family X after the last stage (fresh LoRA, held-out loss; lower = adapts "
     "better)",
     "OOD = out-of-domain held-out accuracy; forget CE = answer cross-entropy on the first stage's task after the "
@@ -35,16 +35,19 @@ def _ci(d: dict, dec: int = 2) -> str:
 
 def _rows(an: dict) -> tuple[list[str], list[list[str]]]:
     probes, ood = an["probes"], an["ood"]
-    short = {p: p.split("_")[0][:7] for p in probes}
+    short = {p: p.split("_")[0][:3] for p in probes}
     header = ["arm"]
     for p in probes:
-        header += [f"probe {short[p]}", f"recovered {short[p]}"]
-    header += ["OOD", "recovered OOD", "forget CE", "ECE", "quality", "time"]
+        header += [f"probe {short[p]}", f"rec {short[p]}"]
+    header += ["OOD", "rec OOD", "forget CE", "ECE", "quality", "time"]
     rows = []
+    problem = an.get("problem", {})
     for arm, a in an["arms"].items():
         row = [arm]
         for p in probes:
-            row += [_num(a[f"probe {p}"]["estimate"], 3), "" if arm == "baseline" else _ci(a[f"recovered probe {p}"])]
+            lost = problem.get(f"probe {p}", {}).get("degraded", True)
+            rec = "" if arm == "baseline" else (_ci(a[f"recovered probe {p}"]) if lost else "no loss")
+            row += [_num(a[f"probe {p}"]["estimate"], 3), rec]
         row += [_num(a[f"OOD acc {ood}"]["estimate"]), "" if arm == "baseline" else _ci(a["recovered OOD"])]
         f_ce = next(v for k, v in a.items() if k.startswith("forgetting") and k.endswith(" CE"))
         rel = [q["relative"]["estimate"] for q in a["stage quality"].values() if math.isfinite(q["relative"]["estimate"])]
@@ -58,8 +61,9 @@ def _problem_lines(an: dict) -> list[str]:
     lines = []
     for name, p in an.get("problem", {}).items():
         noise = f"; probe noise (spread over probe seeds, base model) {p['noise']:.3f}" if "noise" in p else ""
+        verdict = "degraded" if p.get("degraded") else "not degraded"
         lines.append(f"{name}: base {p['base']:.3f} -> baseline after {an['last_stage']} "
-                     f"{p['base'] + p['estimate']:.3f}, change {_ci(p, 3)}{noise}")
+                     f"{p['base'] + p['estimate']:.3f}, change {_ci(p, 3)} ({verdict}){noise}")
     return lines
 
 
