@@ -81,7 +81,7 @@ def run_setting(name: str, overrides: list[str] | None, args, workdir: Path) -> 
     out = workdir / name
     cmd = [sys.executable, "-m", "supple.cli", "demo", "--model", args.model, "--arms",
            "baseline" if overrides is None else "supple", "--seeds", str(args.seeds), "--out", str(out),
-           "--threads", str(args.threads), "--no-progress"]
+           "--threads", str(args.threads), "--no-progress", "--full-ft" if args.full_ft else "--lora"]
     if args.budget == "quick":
         cmd.append("--quick")
     elif args.budget == "full":
@@ -104,6 +104,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="embedded")
     p.add_argument("--budget", choices=("quick", "default", "full"), default="quick")
+    p.add_argument("--full-ft", action="store_true",
+                   help="full fine-tuning stages (the demo's default since 2026-12-01); default: LoRA, as in the "
+                   "sweep recorded in the README")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", default="", help="comma-separated setting names (default: all)")
