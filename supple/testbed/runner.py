@@ -85,7 +85,7 @@ def _progress_callback(tick: Callable[[int], None]):
     return _Tick()
 
 
-def _arm_callbacks(setup: JobSetup, arm_name: str, i: int, subspaces: dict, seed: int) -> tuple[list, list[str], dict | None]:
+def _arm_callbacks(setup: JobSetup, arm_name: str, i: int, subspaces: dict) -> tuple[list, list[str], dict | None]:
     """The callbacks one arm adds at stage ``i`` (1-based), notes, and the SuppleConfig used (as a dict)."""
     arm = ARM_TABLE[arm_name]
     cfg = setup.cfg
@@ -141,7 +141,7 @@ def run_job(setup: JobSetup, job: Job, tick: Callable[[int], None], base_model=N
     model = copy.deepcopy(base_model)
     subspaces: dict = {}  # earlier LoRA stages' input subspaces (cross-stage decorrelation)
     for i, stage in enumerate(setup.stages, start=1):
-        callbacks, stage_notes, used = _arm_callbacks(setup, arm_name, i, subspaces, seed)
+        callbacks, stage_notes, used = _arm_callbacks(setup, arm_name, i, subspaces)
         callbacks.insert(0, _progress_callback(tick))
         if used is not None:
             out["supple_configs"][f"{arm_name}/seed{seed}/{stage.name}"] = used
