@@ -87,6 +87,11 @@ def _cases(d: Path, out: Path) -> list[tuple[str, list[str], tuple[str, ...]]]:
         ("probe", ["probe", str(d / "base"), "--task", "/no/task.jsonl"], ("/no/task.jsonl",)),
         ("probe", ["probe", str(d / "base"), "--steps", "0"], ("--steps",)),
         ("probe", ["probe", str(d / "base"), "--lr", "-1"], ("--lr",)),
+        ("demo", ["demo", "--model", "tiny", "--steps", "sft=0", "--out", str(out)], ("--steps sft=0",)),
+        ("demo", ["demo", "--model", "tiny", "--lr", "sft=2", "--out", str(out)], ("--lr sft=2",)),
+        ("demo", ["demo", "--model", "tiny", "--lr", "ppo=1e-4", "--out", str(out)], ("sft, dpo or grpo",)),
+        ("demo", ["demo", "--model", "tiny", "--arms", "nope", "--out", str(out)], ("'nope'",)),
+        ("demo", ["demo", "--model", "tiny", "--seeds", "0", "--out", str(out)], ("--seeds",)),
         ("coverage", ["coverage", "/nonexistent", "a", "b"], ("unrecognized arguments",)),
         ("coverage", ["coverage", "/nonexistent", t, "--model", str(d / "base")], ("/nonexistent",)),
         ("coverage", ["coverage", t, t, "--model", "/nonexistent"], ("/nonexistent",)),
@@ -221,3 +226,23 @@ def test_the_safetensors_reader_attaches_the_adapter_as_peft_does(tmp_path):
     wrong = make_tiny_llama(tok, hidden_size=16, intermediate_size=32)
     with pytest.raises(ValueError, match="does not fit its base model"):
         load_peft_adapter(wrong, tmp_path / "ad")
+
+
+def test_demo_lr_overrides_the_chosen_regime_only(monkeypatch, tmp_path):
+    import supple.testbed.pipeline as pipeline
+
+    seen = {}
+
+    def fake_run_demo(cfg):
+        seen["cfg"] = cfg
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(pipeline, "run_demo", fake_run_demo)
+    default = pipeline.PRESETS["default"]
+    assert main(["demo", "--model", "tiny", "--lr", "sft=1e-4", "--lr", "dpo=3e-5", "--out", str(tmp_path)]) == 2
+    b = seen["cfg"].budget
+    assert b.lr_full == {**default.lr_full, "sft": 1e-4, "dpo": 3e-5}
+    assert b.lr_lora == default.lr_lora
+    assert main(["demo", "--model", "tiny", "--lora", "--lr", "sft=1e-3", "--out", str(tmp_path)]) == 2
+    b = seen["cfg"].budget
+    assert b.lr_lora["sft"] == 1e-3 and b.lr_full == default.lr_full

@@ -66,6 +66,9 @@ def add_parsers(subparsers) -> None:
                    "CPU cores, at most 4; 1 on a GPU)")
     p.add_argument("--steps", type=_key_value, action="append", default=[], metavar="STAGE=N",
                    help="override a stage's steps, e.g. --steps sft=60 --steps dpo=30 (repeatable)")
+    p.add_argument("--lr", type=_key_value, action="append", default=[], metavar="KIND=LR",
+                   help="override the learning rate of a stage kind (sft, dpo, grpo) in the chosen regime "
+                   "(full fine-tuning or --lora), e.g. --lr sft=1e-4 --lr dpo=4e-5 (repeatable)")
     p.add_argument("--supple", type=_key_value, action="append", default=[], metavar="FIELD=VALUE",
                    help="override the supple arm's SuppleConfig, e.g. --supple diversity_weight=10 "
                    "--supple 'diversity_layers=[15,-1]' (repeatable)")
@@ -106,20 +109,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     steps = {}
     for key, value in args.steps:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SystemExit(f"supple demo: error: --steps {key}={value!r}: expected a positive integer")
+            raise ValueError(f"--steps {key}={value!r}: expected a positive integer")
         steps[key] = value
     if steps:
         budget = budget_with(budget, steps=steps)
+    lrs = {}
+    for key, value in args.lr:
+        if key not in ("sft", "dpo", "grpo"):
+            raise ValueError(f"--lr {key}=...: the stage kind must be sft, dpo or grpo")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ValueError(f"--lr {key}={value!r}: expected a learning rate in (0, 1), "
+                             "e.g. 5e-5")
+        lrs[key] = float(value)
+    if lrs:
+        table = "lr_lora" if args.lora else "lr_full"
+        budget = budget_with(budget, **{table: {**getattr(budget, table), **lrs}})
     n_seeds = args.seeds if args.seeds is not None else budget.seeds
     if n_seeds < 1:
-        raise SystemExit("supple demo: error: --seeds must be >= 1")
+        raise ValueError("--seeds must be >= 1")
     if args.workers is not None and args.workers < 1:
-        raise SystemExit("supple demo: error: --workers must be >= 1")
+        raise ValueError("--workers must be >= 1")
     arm_list = (list(ABLATION_ARMS) if args.ablation else
                 [a.strip() for a in (args.arms or ",".join(MAIN_ARMS)).split(",") if a.strip()])
     unknown = [a for a in arm_list if a not in ARMS]
     if unknown:
-        raise SystemExit(f"supple demo: error: unknown arm {unknown[0]!r}: use {', '.join(ARMS)}")
+        raise ValueError(f"unknown arm {unknown[0]!r}: use {', '.join(ARMS)}")
     workers = args.workers or _default_workers(args.model)
     cfg = DemoConfig(
         model=args.model,
@@ -140,18 +154,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         report_only=args.report_only,
         command="supple " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["demo"] else None,
     )
-    from .embedded import EmbeddedModelMissing
-
     if args.threads is not None and args.threads < 1:
-        raise SystemExit("supple demo: error: --threads must be >= 1")
+        raise ValueError("--threads must be >= 1")
     if args.preset in ("quick", "smoke"):
         print(f"supple demo: --{args.preset} is a first look at the outputs: its stages are too short for the baseline "
               "to lose plasticity, so it cannot show the problem or its cure (run without --quick for that)",
               flush=True)
-    try:
-        results = run_demo(cfg)
-    except (ValueError, FileNotFoundError, EmbeddedModelMissing) as exc:
-        raise SystemExit(f"supple demo: error: {exc}") from exc
+    results = run_demo(cfg)  # ValueError / FileNotFoundError / EmbeddedModelMissing: the CLI's one-line error, exit 2
     meta = results["meta"]
     print()
     print(f"supple demo · {meta['model']} · {'LoRA' if meta['lora'] else 'full fine-tuning'} · "
