@@ -20,6 +20,8 @@ from typing import Any, Optional
 from .regularizers.diversity import PENALTIES as DIVERSITY_PENALTIES  # the one list of penalty names
 
 REFRESH_METHODS = ("shrink_perturb", "relora", "redo")
+DIVERSITY_REFERENCES = ("none", "pre_stage")
+WEIGHT_SCHEDULES = ("fixed", "auto")
 
 
 @dataclass
@@ -48,6 +50,50 @@ class SuppleConfig:
     diversity_normalize_tokens: bool = field(
         default=True,
         metadata={"help": "Scale each token vector to unit length before the penalty (robust to massive activations)."},
+    )
+    diversity_reference: str = field(
+        default="none",
+        metadata={"help": (
+            "'none': the term is λ·P. 'pre_stage': the term is λ·relu(P − T) per micro-batch and block, "
+            "T = P_ref + diversity_tolerance·|P_ref|, P_ref the penalty of the model at the start of this "
+            "training run on the same token selection: only a loss of diversity against the pre-stage model "
+            "is penalized (see diversity_reference_batches for how P_ref is measured)."
+        )},
+    )
+    diversity_tolerance: float = field(
+        default=0.0,
+        metadata={"help": (
+            "pre_stage: the term is active once P exceeds P_ref by this fraction of |P_ref| (>= 0; 0 = any "
+            "excess). |P_ref| keeps T >= P_ref for a penalty that can be negative."
+        )},
+    )
+    diversity_reference_batches: int = field(
+        default=4,
+        metadata={"help": (
+            "pre_stage: P_ref is measured at train begin by this many no-grad forwards per process of a fixed, "
+            "seeded sample of the train dataset, collated as the train dataloader collates it (a one-time cost "
+            "of about N/3 training micro-batches). 0 = no extra forward: P_ref is the first optimizer step's "
+            "own penalty (its weights are still the pre-stage weights) and the term is off on that step. "
+            "Trainers whose batches are not model inputs (GRPO: prompts, generation happens in the step) "
+            "always use the first step."
+        )},
+    )
+    diversity_weight_schedule: str = field(
+        default="fixed",
+        metadata={"help": (
+            "'fixed': λ = diversity_weight. 'auto' (needs diversity_reference='pre_stage'): λ starts at "
+            "diversity_weight and is adjusted after every optimizer step, λ ← clamp(λ·exp(rate·err), "
+            "diversity_weight_min, diversity_weight_max), err = mean over blocks of clamp((P̄ − T)/|P_ref|, −1, 1), "
+            "P̄ the step's mean penalty: λ grows while diversity is lost and decays when it is not."
+        )},
+    )
+    diversity_weight_min: float = field(
+        default=1e-3, metadata={"help": "auto: lower bound of λ (> 0: a multiplicative λ must not reach 0)."}
+    )
+    diversity_weight_max: float = field(default=10.0, metadata={"help": "auto: upper bound of λ."})
+    diversity_weight_rate: float = field(
+        default=0.05,
+        metadata={"help": "auto: λ changes by at most a factor exp(±rate) per optimizer step (> 0)."},
     )
     decorrelation_weight: float = field(
         default=0.0,
@@ -117,6 +163,13 @@ def _check_weight(cfg: Any, name: str) -> None:
         _fail(name, v, "expected a finite number >= 0 (0 turns the term off)")
 
 
+def _check_number(cfg: Any, name: str, positive: bool) -> None:
+    v = getattr(cfg, name)
+    bound = "> 0" if positive else ">= 0"
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (positive and v == 0):
+        _fail(name, v, f"expected a finite number {bound}")
+
+
 def _check_int(cfg: Any, name: str, minimum: int) -> None:
     v = getattr(cfg, name)
     if isinstance(v, bool) or not isinstance(v, int):
@@ -148,6 +201,7 @@ def validate_supple_fields(cfg: Any) -> None:
         _fail("diversity_max_tokens", 1, "expected 0 (all tokens) or at least 2: a covariance needs two tokens")
     if not isinstance(cfg.diversity_normalize_tokens, bool):
         _fail("diversity_normalize_tokens", cfg.diversity_normalize_tokens, "expected True or False")
+    _validate_anchor_fields(cfg)
     prev = cfg.previous_adapters
     if isinstance(prev, str):
         prev = cfg.previous_adapters = [prev]
@@ -175,6 +229,32 @@ def validate_supple_fields(cfg: Any) -> None:
     if cfg.relora_warmup_steps >= cfg.refresh_every:
         _fail("relora_warmup_steps", cfg.relora_warmup_steps, "expected fewer steps than refresh_every")
     _check_int(cfg, "metrics_every", 0)
+
+
+def _validate_anchor_fields(cfg: Any) -> None:
+    """The reference-anchored diversity term and its automatic weight (docs/design.md)."""
+    if cfg.diversity_reference not in DIVERSITY_REFERENCES:
+        _fail("diversity_reference", cfg.diversity_reference,
+              f"allowed values are {', '.join(repr(v) for v in DIVERSITY_REFERENCES)}")
+    _check_number(cfg, "diversity_tolerance", positive=False)
+    _check_int(cfg, "diversity_reference_batches", 0)
+    if cfg.diversity_weight_schedule not in WEIGHT_SCHEDULES:
+        _fail("diversity_weight_schedule", cfg.diversity_weight_schedule,
+              f"allowed values are {', '.join(repr(v) for v in WEIGHT_SCHEDULES)}")
+    for name in ("diversity_weight_min", "diversity_weight_max", "diversity_weight_rate"):
+        _check_number(cfg, name, positive=True)
+    if cfg.diversity_weight_schedule != "auto":
+        return
+    if cfg.diversity_reference != "pre_stage":
+        _fail("diversity_weight_schedule", "auto", "it holds the penalty at the pre-stage reference, so it needs "
+              "diversity_reference='pre_stage' (or use diversity_weight_schedule='fixed')")
+    lo, hi, w = cfg.diversity_weight_min, cfg.diversity_weight_max, cfg.diversity_weight
+    if lo > hi:
+        _fail("diversity_weight_min", lo, f"expected diversity_weight_min <= diversity_weight_max (= {hi})")
+    if not lo <= w <= hi:
+        _fail("diversity_weight", w, f"with diversity_weight_schedule='auto' it is the starting λ: expected "
+              f"diversity_weight_min (= {lo}) <= diversity_weight <= diversity_weight_max (= {hi}); change "
+              "diversity_weight or the bounds")
 
 
 def extract_supple_config(obj: Any) -> SuppleConfig:

@@ -5,6 +5,7 @@ One implementation each: :func:`find_decoder_blocks`, :func:`resolve_layer_indic
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -245,3 +246,20 @@ def attention_token_mask(attention_mask: torch.Tensor | None, shape: tuple[int, 
         pad = attention_mask.new_ones(b, t - attention_mask.shape[1])
         return torch.cat([pad, attention_mask], dim=1).bool()
     return None
+
+
+def forward_input_names(model: nn.Module) -> frozenset[str]:
+    """Keyword arguments the underlying transformers model's ``forward`` accepts: its named parameters and,
+    where it takes ``**kwargs: Unpack[TransformersKwargs]``, the keys of ``TransformersKwargs`` (packed-sequence
+    and attention kwargs such as ``cu_seq_lens_q``)."""
+    base = unwrap_model(model)
+    params = inspect.signature(base.forward).parameters.values()
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        try:
+            from transformers.utils import TransformersKwargs
+
+            names |= set(getattr(TransformersKwargs, "__annotations__", {}))
+        except Exception:  # pragma: no cover - older transformers
+            pass
+    return frozenset(names)

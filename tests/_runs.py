@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
+from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
@@ -87,6 +89,34 @@ def spec_token_subsample(real: torch.Tensor, max_tokens: int, seed: int, step: i
     return flat[keep.sort().values]
 
 
+def _blake2b_generator(label: str) -> torch.Generator:
+    digest = hashlib.blake2b(label.encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+@dataclass
+class AnchorSpec:
+    """The pre-stage reference as documented (docs/design.md): T = P_ref + tolerance·|P_ref| per block;
+    ``batches`` > 0 measures P_ref at train begin on the seeded sample, 0 takes the first step's penalties (the term
+    off on that step); ``rate`` set = the automatic weight λ ← clamp(λ·exp(rate·err), low, high)."""
+
+    tolerance: float = 0.0
+    batches: int = 4
+    rate: float | None = None
+    low: float = 1e-3
+    high: float = 10.0
+
+
+def spec_reference_batches(trainer, n: int, seed: int) -> list[dict]:
+    """The documented reference sample of one process: batch j holds positions j·B … (j+1)·B − 1 of a permutation
+    of the train dataset drawn with blake2b("supple/reference/{seed}") (wrapping around), collated by the
+    trainer's collator after its unused-column removal."""
+    ds = trainer._remove_unused_columns(trainer.train_dataset, description="spec")
+    perm = torch.randperm(len(ds), generator=_blake2b_generator(f"supple/reference/{seed}"))
+    b = trainer.args.per_device_train_batch_size
+    return [trainer.data_collator([ds[int(perm[(j * b + k) % len(ds)])] for k in range(b)]) for j in range(n)]
+
+
 def _loss_scale(trainer, num_items_in_batch) -> float:
     """Factor making an added term contribute term/GA per micro-batch, whatever the trainer does to the loss."""
     scaled = trainer.loss_is_scaled_for_ga
@@ -98,11 +128,51 @@ def _loss_scale(trainer, num_items_in_batch) -> float:
 
 
 def reference_class(base_cls, diversity_weight=0.0, layers=(-1,), intra_weight=0.0, cross_weight=0.0, bases=None,
-                    max_tokens=0):
-    """A subclass of ``base_cls`` whose compute_loss adds supple's terms to the loss by hand."""
+                    max_tokens=0, anchor: AnchorSpec | None = None):
+    """A subclass of ``base_cls`` whose compute_loss adds supple's terms to the loss by hand.
+
+    With ``anchor`` the diversity term of a micro-batch is λ · mean over blocks of relu(P − T) (AnchorSpec); the
+    λ used at each step is kept in ``weights``."""
 
     class Reference(base_cls):
         _micro_step = (-1, 0)
+
+        def _anchor_update(self, model, blocks, idxs, step):
+            """At a step's first micro-batch: the reference (train begin or after the first step) and λ."""
+            st = self.__dict__.setdefault("_anchor", {"p_ref": None, "weight": diversity_weight, "values": {},
+                                                      "first": None, "weights": []})
+            if step == 0 and anchor.batches > 0:  # train begin: the weights are still the pre-stage ones
+                per_batch, outs = [], {}
+                handles = [blocks[k].register_forward_hook(
+                    lambda mod, a, out, k=k: outs.__setitem__(k, out[0] if isinstance(out, tuple) else out))
+                    for k in idxs]
+                try:
+                    for batch in spec_reference_batches(self, anchor.batches, self.args.seed):
+                        with torch.no_grad():
+                            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                        m = batch["attention_mask"].bool()
+                        per_batch.append(torch.stack([hand_ipr(outs[k][m]) for k in idxs]))
+                finally:
+                    for h in handles:
+                        h.remove()
+                st["p_ref"] = torch.stack(per_batch).mean(0)
+            elif step == 0:
+                st["first"] = 0
+            prev = st["values"].get(step - 1)
+            if prev is not None and st["first"] == step - 1:
+                st["p_ref"] = torch.stack(prev).mean(0)
+            elif prev is not None and anchor.rate is not None:
+                p_mean = torch.stack(prev).mean(0).double()
+                p_ref = st["p_ref"].double()
+                t = p_ref + anchor.tolerance * p_ref.abs()
+                err = ((p_mean - t) / p_ref.abs()).clamp(-1, 1).mean()
+                st["weight"] = min(max(st["weight"] * math.exp(anchor.rate * float(err)), anchor.low), anchor.high)
+            st["weights"].append(st["weight"])
+            return st
+
+        @property
+        def weights(self):
+            return self._anchor["weights"]
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             step, micro = self._micro_step
@@ -111,6 +181,8 @@ def reference_class(base_cls, diversity_weight=0.0, layers=(-1,), intra_weight=0
             captured = {}
             blocks = llama_layers(model)
             idxs = [k % len(blocks) for k in layers]
+            if anchor is not None and micro == 0:
+                self._anchor_update(model, blocks, idxs, self.state.global_step)
             handles = []
             for k in idxs:
                 def hook(mod, args, out, k=k):
@@ -138,7 +210,14 @@ def reference_class(base_cls, diversity_weight=0.0, layers=(-1,), intra_weight=0
                         pens.append(hand_ipr(h.reshape(-1, h.shape[-1])[idx]))
                     else:
                         pens.append(hand_ipr(h[m]))
-                extra = extra + diversity_weight * torch.stack(pens).mean()
+                if anchor is None:
+                    extra = extra + diversity_weight * torch.stack(pens).mean()
+                else:
+                    st = self._anchor
+                    st["values"].setdefault(self.state.global_step, []).append(torch.stack(pens).detach())
+                    if st["p_ref"] is not None and st["first"] != self.state.global_step:
+                        t = st["p_ref"] + anchor.tolerance * st["p_ref"].abs()
+                        extra = extra + st["weight"] * torch.relu(torch.stack(pens) - t).mean()
             if intra_weight or cross_weight:
                 mods = lora_a_matrices(model)
                 if intra_weight:

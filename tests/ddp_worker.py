@@ -32,8 +32,12 @@ def main() -> None:
     bases = {}
     for name in [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.v_proj")]:
         bases[name] = torch.linalg.qr(torch.randn(32, 3, generator=gen))[0]
+    # the pre-stage reference pools W·N reference batches over W ranks: N = 4 / W gives one process's sample
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = SuppleConfig(
         diversity_weight=0.5, diversity_layers=[0, -1], diversity_max_tokens=24,
+        diversity_reference="pre_stage", diversity_reference_batches=4 // world, diversity_weight_schedule="auto",
+        diversity_weight_rate=0.5,
         decorrelation_weight=0.5, decorrelation_cross_weight=1.0,
         replay_data="builtin:pydoc", replay_every=2, replay_batch_size=2, replay_weight=0.3,
         refresh_method=method, refresh_every=3 if method != "redo" else 2, redo_threshold=0.6, metrics_every=2,

@@ -49,12 +49,42 @@ def test_contract_fields_and_defaults():
         ({"refresh_method": "reset"}, "refresh_method", "shrink_perturb, relora, redo"),
         ({"refresh_every": 0}, "refresh_every", ">= 1"),
         ({"metrics_every": -5}, "metrics_every", ">= 0"),
+        ({"diversity_reference": "start"}, "diversity_reference", "'none', 'pre_stage'"),
+        ({"diversity_tolerance": -0.1}, "diversity_tolerance", ">= 0"),
+        ({"diversity_tolerance": float("inf")}, "diversity_tolerance", "finite"),
+        ({"diversity_reference_batches": -1}, "diversity_reference_batches", ">= 0"),
+        ({"diversity_weight_schedule": "adaptive"}, "diversity_weight_schedule", "'fixed', 'auto'"),
+        ({"diversity_weight_schedule": "auto", "diversity_weight": 0.1}, "diversity_weight_schedule",
+         "diversity_reference='pre_stage'"),
+        ({"diversity_weight_max": 0}, "diversity_weight_max", "> 0"),
+        ({"diversity_weight_min": 0.0}, "diversity_weight_min", "> 0"),
+        ({"diversity_weight_rate": -1}, "diversity_weight_rate", "> 0"),
+        ({"diversity_reference": "pre_stage", "diversity_weight_schedule": "auto", "diversity_weight": 0.0},
+         "diversity_weight", "starting λ"),
+        ({"diversity_reference": "pre_stage", "diversity_weight_schedule": "auto", "diversity_weight": 20.0},
+         "diversity_weight", "diversity_weight_max (= 10.0)"),
+        ({"diversity_reference": "pre_stage", "diversity_weight_schedule": "auto", "diversity_weight": 1.0,
+          "diversity_weight_min": 2.0, "diversity_weight_max": 1.5}, "diversity_weight_min", "<= diversity_weight_max"),
     ],
 )
 def test_invalid_values_name_the_field_and_allowed_values(kwargs, field, hint):
     with pytest.raises(ValueError) as exc:
         SuppleConfig(**kwargs)
     assert f"SuppleConfig.{field}" in str(exc.value) and hint in str(exc.value)
+
+
+def test_anchor_fields_defaults_and_parsing():
+    cfg = SuppleConfig()
+    assert cfg.diversity_reference == "none" and cfg.diversity_tolerance == 0 and cfg.diversity_reference_batches == 4
+    assert cfg.diversity_weight_schedule == "fixed"
+    assert 0 < cfg.diversity_weight_min <= cfg.diversity_weight_max and cfg.diversity_weight_rate > 0
+    (parsed,) = HfArgumentParser(SuppleConfig).parse_args_into_dataclasses(
+        ["--diversity_weight", "0.5", "--diversity_reference", "pre_stage", "--diversity_tolerance", "0.05",
+         "--diversity_reference_batches", "0", "--diversity_weight_schedule", "auto", "--diversity_weight_max", "2"]
+    )
+    assert parsed.diversity_reference == "pre_stage" and parsed.diversity_tolerance == 0.05
+    assert parsed.diversity_reference_batches == 0 and parsed.diversity_weight_schedule == "auto"
+    assert parsed.diversity_weight_max == 2.0
 
 
 def test_typo_in_field_name_is_an_error():

@@ -1,5 +1,6 @@
 """DDP on CPU (gloo, 2 processes): every rank ends with the same parameters, and where a 1-process run at
-the same global batch does, for each refresh method (ReDo's dormant units are decided on pooled statistics)."""
+the same global batch does, for each refresh method (ReDo's dormant units are decided on pooled statistics), with
+the diversity term anchored to a pre-stage reference pooled over the ranks and its automatic weight."""
 
 from __future__ import annotations
 
@@ -41,5 +42,8 @@ def test_ddp_ranks_agree_and_equal_one_process(tmp_path, method):
     _close(one, r0, "DDP vs one process")
     logs = json.loads((ddp / "log.json").read_text())
     assert logs[-1]["supple/refreshes"] >= 1
+    logs_one = json.loads((single / "log.json").read_text())
+    for key in ("supple/diversity_reference", "supple/diversity_weight"):  # one threshold and λ on every rank
+        assert [h[key] for h in logs] == pytest.approx([h[key] for h in logs_one], rel=1e-4), key
     if method == "redo":
         assert sum(h.get("supple/redo_units", 0) for h in logs) > 0, "no unit was recycled: the test has no teeth"

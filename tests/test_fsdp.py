@@ -1,5 +1,6 @@
 """FSDP2 on CPU (gloo, 2 processes, `fully_shard` on each decoder block then the root, as accelerate does):
-with every supple term on — diversity taps, LoRA decorrelation intra and cross-stage, replay, live metrics —
+with every supple term on — diversity taps (anchored to the pre-stage reference, automatic weight), LoRA
+decorrelation intra and cross-stage, replay, live metrics —
 and each refresh method, the gathered parameters and the logged supple/* values equal those of 1 process at
 the same global batch. The LoRA parameters really are sharded (DTensors) in the 2-process run."""
 
@@ -55,8 +56,10 @@ def test_fsdp2_equals_one_process(tmp_path, method):
             assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-6), f"step {step}: {k}: {got[k]} vs {v}"
     seen = set().union(*logs)
     for key in ("supple/diversity", "supple/decorrelation", "supple/cross_overlap", "supple/replay_loss",
-                "supple/erank/layer_0", "supple/anisotropy/layer_1", "supple/lora_stable_rank"):
+                "supple/erank/layer_0", "supple/anisotropy/layer_1", "supple/lora_stable_rank",
+                "supple/diversity_reference", "supple/diversity_weight", "supple/diversity_active"):
         assert key in seen, f"{key} was never logged: the test has no teeth"
+    assert any(h["supple/diversity_active"] > 0 for h in logs), "no term above the pre-stage reference: no teeth"
     assert logs[-1]["supple/refreshes"] >= 1
     if method == "redo":
         assert sum(h.get("supple/redo_units", 0) for h in logs) > 0, "no unit was recycled: the test has no teeth"

@@ -9,7 +9,14 @@ from trl import GRPOConfig, GRPOTrainer
 
 from supple import SuppleCallback, SuppleConfig
 
-from ._runs import assert_params_close, lora_config, max_abs_diff, reference_class, trainable_state
+from ._runs import (
+    AnchorSpec,
+    assert_params_close,
+    lora_config,
+    max_abs_diff,
+    reference_class,
+    trainable_state,
+)
 from ._tiny import make_tiny_llama, make_tokenizer
 
 
@@ -34,21 +41,36 @@ def grpo_run(tmp_path, callbacks=(), trainer_cls=GRPOTrainer, ga=1, steps=2, bet
     return tr
 
 
-@pytest.mark.parametrize("ga,beta", [(1, 0.0), (2, 0.1)])
-def test_grpo_terms_match_hand_written_loss_and_skip_generation(tmp_path, count_penalties, ga, beta):
+# anchored: GRPO's batches are prompts, so the reference is the first step's penalty (the term off on that step)
+# even with diversity_reference_batches = 4; with the automatic λ
+ANCHOR = {"diversity_reference": "pre_stage", "diversity_reference_batches": 4, "diversity_weight_schedule": "auto",
+          "diversity_weight_rate": 0.5}
+
+
+@pytest.mark.parametrize("ga,beta,anchored", [(1, 0.0, False), (2, 0.1, False), (1, 0.0, True), (2, 0.0, True)])
+def test_grpo_terms_match_hand_written_loss_and_skip_generation(tmp_path, count_penalties, ga, beta, anchored):
     calls = count_penalties
-    cfg = SuppleConfig(diversity_weight=1.0, diversity_max_tokens=0, decorrelation_weight=1.0)
-    a = grpo_run(tmp_path / "a", [SuppleCallback(cfg)], ga=ga, beta=beta)
+    steps = 3 if anchored else 2
+    cfg = SuppleConfig(diversity_weight=1.0, diversity_max_tokens=0, decorrelation_weight=1.0,
+                       **(ANCHOR if anchored else {}))
+    a = grpo_run(tmp_path / "a", [SuppleCallback(cfg)], ga=ga, beta=beta, steps=steps)
     # generation, old-policy and reference (beta > 0) passes add no term: one per training micro-batch
-    assert len(calls) == 2 * ga
-    ref = reference_class(GRPOTrainer, 1.0, intra_weight=1.0)
-    b = grpo_run(tmp_path / "b", trainer_cls=ref, ga=ga, beta=beta)
-    c = grpo_run(tmp_path / "c", ga=ga, beta=beta)
+    assert len(calls) == steps * ga
+    spec = AnchorSpec(batches=0, rate=0.5) if anchored else None
+    ref = reference_class(GRPOTrainer, 1.0, intra_weight=1.0, anchor=spec)
+    b = grpo_run(tmp_path / "b", trainer_cls=ref, ga=ga, beta=beta, steps=steps)
+    c = grpo_run(tmp_path / "c", ga=ga, beta=beta, steps=steps)
     sa, sb, sc = trainable_state(a), trainable_state(b), trainable_state(c)
     assert_params_close(sa, sb, rtol=1e-5, atol=1e-6)
     assert max_abs_diff(sa, sc) > 1e-3
     logs = [h for h in a.state.log_history if "loss" in h]
     assert all("supple/diversity" in h and "supple/decorrelation" in h for h in logs)
+    if anchored:
+        active = [h["supple/diversity_active"] for h in logs]
+        assert active[0] == 0 and sum(active) > 0, active  # off on the reference step, then on for some terms
+        assert logs[0]["supple/diversity_reference"] == pytest.approx(logs[0]["supple/diversity"], rel=1e-6)
+        weights = [h["supple/diversity_weight"] for h in logs]
+        assert weights[:-1] == pytest.approx(b.weights[1:], rel=1e-5)
 
 
 def test_grpo_replay_and_live_metrics(tmp_path):

@@ -13,23 +13,33 @@ Invariants (docs/design.md, "Diversity taps"):
   block) key of an earlier call — a recomputation — re-applies the very same tap (same token indices,
   same injected gradient), so recomputation saves the same tensors and the gradient counts once;
 - the penalty is evaluated, and its statistics counted, once per (step, micro-batch, block).
+
+With a pre-stage reference (``anchor``, :mod:`supple.callbacks.reference`) the injected gradient is that of
+``λ·relu(P − T_l)``: ``∂P/∂H`` where ``P > T_l``, 0 elsewhere, decided on device like the finite check; λ is the
+anchor's (a device tensor under the automatic weight). ``probe`` lets the reference measurement read the
+penalty of a no-grad forward's block outputs without tapping them.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..modeling import attention_token_mask, find_decoder_blocks, resolve_layer_indices, unwrap_model
+from ..regularizers.anchor import hinge_value_and_grad
 from ..regularizers.diversity import penalty_value_and_grad
 from .context import TrainingContext
 from .distributed import sum_over_ranks, world_size
 from .tokens import BatchMasks, real_token_indices, select_tokens, subsample, token_generator
 
-__all__ = ["DiversityTaps", "select_tokens", "token_generator"]
+__all__ = ["REFERENCE_STEP", "DiversityTaps", "TapSummary", "select_tokens", "token_generator"]
+
+REFERENCE_STEP = -1  # the step of the token-subsample key of the train-begin reference forwards
 
 
 class _Tap(torch.autograd.Function):
@@ -54,7 +64,24 @@ class TapStats:
 
     values: list[torch.Tensor] = field(default_factory=list)
     finite: list[torch.Tensor] = field(default_factory=list)
+    active: list[torch.Tensor] = field(default_factory=list)  # with an anchor: finite and above the threshold
     hidden_samples: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class TapSummary:
+    """What one logging window of the taps amounts to (pooled over ranks under DDP/FSDP).
+
+    Attributes:
+        mean: mean finite penalty (None if there was none).
+        skipped: terms skipped because they were not finite.
+        active_share: with a pre-stage reference, the share of finite terms above their threshold (None
+            without a reference or without a finite term).
+    """
+
+    mean: float | None
+    skipped: int
+    active_share: float | None = None
 
 
 class DiversityTaps:
@@ -69,6 +96,11 @@ class DiversityTaps:
         normalize: scale token vectors to unit length first.
         capture_every: keep the tapped tokens of the first micro-batch every N steps for live metrics (0 = never).
         model: the training model; validated here (blocks found, indices in range), nothing is attached.
+
+    Attributes set by the callback after construction:
+        anchor: the pre-stage reference (:class:`supple.callbacks.reference.DiversityAnchor`) or None.
+        probe: while the reference is measured, ``probe(hidden, layer)`` is called with every tapped block's
+            output instead of tapping it; None otherwise.
     """
 
     def __init__(self, penalty: str, weight: float, layers: list[int], max_tokens: int, normalize: bool,
@@ -89,6 +121,9 @@ class DiversityTaps:
         self._taps: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor] | None] = {}
         self._real_idx: tuple[tuple[int, int], torch.Tensor] | None = None
         self._warned: set[str] = set()
+        self._pos = {layer: i for i, layer in enumerate(self.layers)}
+        self.anchor: Any | None = None
+        self.probe: Callable[[torch.Tensor, int], None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def attach(self, ctx: TrainingContext) -> None:
@@ -112,12 +147,16 @@ class DiversityTaps:
     # -- hooks --------------------------------------------------------------------------------------
     def _make_block_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, output):
-            if self.paused or self.ctx is None or not (module.training and torch.is_grad_enabled()):
+            probing = self.probe is not None
+            if self.ctx is None or not (probing or (not self.paused and module.training and torch.is_grad_enabled())):
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
             if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
                 return None
             try:
+                if probing:  # a reference forward: read the penalty, change nothing
+                    self.probe(hidden, layer)
+                    return None
                 new_hidden = self._tap(hidden, layer)
             except BaseException:
                 if self.ctx.abort is not None:  # nothing of supple stays on the model after an error
@@ -151,16 +190,46 @@ class DiversityTaps:
             self.stats.finite.append(torch.zeros((), dtype=torch.bool, device=hidden.device))
             self._taps[slot] = None
             return hidden
-        with torch.autocast(device_type=hidden.device.type, enabled=False):  # penalties always in fp32
-            p, g = penalty_value_and_grad(self.penalty, h, self.normalize)
-        # Decide on device (no host sync): a non-finite term injects nothing and is counted.
-        finite = torch.isfinite(p) & torch.isfinite(g).all()
-        coeff = self.weight / len(self.layers) * self.ctx.micro_coeff()
+        p, g, finite = self._penalty(h)
+        weight = self.weight
+        if self.anchor is not None:  # λ·relu(P − T): g where P > T, else 0 (decided on device)
+            pos = self._pos[layer]
+            _, g, above = hinge_value_and_grad(p, g, self.anchor.threshold_at(pos, p.device))
+            weight = self.anchor.weight_on(g.device)
+            self.anchor.record(pos, p, finite)
+            self.stats.active.append(finite & above)
+        coeff = weight / len(self.layers) * self.ctx.micro_coeff()
         extra = torch.where(finite, g * coeff, torch.zeros_like(g))
         self.stats.values.append(torch.where(finite, p, torch.zeros_like(p)))
         self.stats.finite.append(finite)
         self._taps[slot] = (idx, extra)
         return _Tap.apply(hidden, idx, extra)
+
+    def _penalty(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(P, ∂P/∂h, finite)`` in fp32 with autocast off; ``finite`` is decided on device (no host sync):
+        a non-finite term injects nothing and is counted."""
+        with torch.autocast(device_type=h.device.type, enabled=False):  # penalties always in fp32
+            p, g = penalty_value_and_grad(self.penalty, h, self.normalize)
+        return p, g, torch.isfinite(p) & torch.isfinite(g).all()
+
+    def probe_penalty(self, hidden: torch.Tensor, layer: int, mask: torch.Tensor | None,
+                      micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P, finite)`` of a reference forward's block output, on the same token selection as the live term.
+
+        The tokens are the real tokens of ``mask`` (the batch's ``attention_mask``; None = every position),
+        subsampled to ``max_tokens`` with the key ``(seed, REFERENCE_STEP, micro, layer)``, ``micro`` the global
+        index of the reference batch; normalization and penalty as in :meth:`_tap`. ``P`` is 0 where not finite.
+        """
+        b, t, d = hidden.shape
+        seed = self.ctx.seed
+        gen = token_generator(seed, REFERENCE_STEP, micro, layer) if self.max_tokens else None
+        idx = select_tokens(attention_token_mask(mask, (b, t)), b, t, self.max_tokens, gen).to(hidden.device)
+        h = hidden.detach().reshape(-1, d).index_select(0, idx)
+        if h.shape[0] < 2:
+            zero = torch.zeros((), device=hidden.device)
+            return zero, zero.bool()
+        p, _, finite = self._penalty(h)
+        return torch.where(finite, p, torch.zeros_like(p)), finite
 
     def _token_indices(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
         b, t, _ = hidden.shape
@@ -185,43 +254,40 @@ class DiversityTaps:
 
     # -- logging ------------------------------------------------------------------------------------
     def collect(self) -> tuple[float | None, int]:
-        """Mean finite penalty since the last call (None if none) and the number of skipped terms.
+        """Mean finite penalty since the last call (None if none) and the number of skipped terms
+        (:meth:`collect_summary` without the active share)."""
+        summary = self.collect_summary()
+        return summary.mean, summary.skipped
 
-        Under DDP/FSDP both are pooled over the ranks (a collective at each log, as the Trainer's loss), so the
+    def collect_summary(self) -> TapSummary:
+        """The penalty values since the last call: mean, skipped terms and, with a reference, the active share.
+
+        Under DDP/FSDP they are pooled over the ranks (a collective at each log, as the Trainer's loss), so the
         logged value is the one a single process at the same global batch logs.
         """
-        if world_size() > 1:
-            return self._collect_over_ranks()
-        if not self.stats.finite:
-            return None, 0
-        finite = torch.stack(self.stats.finite).cpu()
-        values = torch.stack(self.stats.values).float().cpu()
-        self.stats.values.clear()
-        self.stats.finite.clear()
-        n_ok = int(finite.sum())
-        skipped = int((~finite).sum())
-        if skipped:
-            self._warn_once("nonfinite", (
-                f"supple: the {self.penalty} diversity penalty was not finite in {skipped} micro-batch/block "
-                "term(s) (e.g. a micro-batch with fewer than two real tokens, or NaN hidden states); those "
-                "terms were skipped and are counted in supple/skipped_nonfinite."))
-        mean = float(values[finite].mean()) if n_ok else None
-        return mean, skipped
-
-    def _collect_over_ranks(self) -> tuple[float | None, int]:
+        distributed = world_size() > 1
+        if not self.stats.finite and not distributed:
+            return TapSummary(None, 0)
         finite = torch.stack(self.stats.finite).cpu() if self.stats.finite else torch.zeros(0, dtype=torch.bool)
         values = torch.stack(self.stats.values).float().cpu() if self.stats.values else torch.zeros(0)
+        active = torch.stack(self.stats.active).cpu() if self.stats.active else torch.zeros(0, dtype=torch.bool)
         self.stats.values.clear()
         self.stats.finite.clear()
+        self.stats.active.clear()
         local_skipped = int((~finite).sum())
-        pooled = sum_over_ranks(torch.stack([values[finite].double().sum(), finite.sum().double(),
-                                             torch.tensor(float(local_skipped), dtype=torch.float64)]))
-        total, n_ok, skipped = float(pooled[0]), int(pooled[1]), int(pooled[2])
+        totals = torch.stack([values[finite].double().sum(), finite.sum().double(),
+                              torch.tensor(float(local_skipped), dtype=torch.float64), active.sum().double()])
+        if distributed:
+            totals = sum_over_ranks(totals)
+        total, n_ok, skipped, n_active = float(totals[0]), int(totals[1]), int(totals[2]), int(totals[3])
         if local_skipped:
+            where = " on this rank" if distributed else ""
             self._warn_once("nonfinite", (
                 f"supple: the {self.penalty} diversity penalty was not finite in {local_skipped} micro-batch/block "
-                "term(s) on this rank; those terms were skipped and are counted in supple/skipped_nonfinite."))
-        return (total / n_ok if n_ok else None), skipped
+                f"term(s){where} (e.g. a micro-batch with fewer than two real tokens, or NaN hidden states); those "
+                "terms were skipped and are counted in supple/skipped_nonfinite."))
+        share = n_active / n_ok if self.anchor is not None and n_ok else None
+        return TapSummary(total / n_ok if n_ok else None, skipped, share)
 
     def take_samples(self) -> dict[int, torch.Tensor]:
         """The captured block outputs since the last call (for live metrics), emptied."""

@@ -24,6 +24,7 @@ from .decorrelation import DecorrelationPart
 from .distributed import check_backend
 from .diversity import DiversityTaps
 from .metrics import MetricsPart
+from .reference import DiversityAnchor
 from .refresh import RefreshPart
 from .replay import ReplayPart, ReplayTerm
 from .subspace import load_previous_subspaces
@@ -41,6 +42,7 @@ class _Run:
     ctx: TrainingContext
     config: SuppleConfig
     taps: DiversityTaps | None = None
+    anchor: DiversityAnchor | None = None
     decor: DecorrelationPart | None = None
     replay: ReplayPart | None = None
     refresh: RefreshPart | None = None
@@ -50,7 +52,8 @@ class _Run:
     skipped: int = 0
 
     def parts(self) -> list[Any]:
-        return [p for p in (self.taps, self.decor, self.replay, self.refresh, self.metrics) if p is not None]
+        return [p for p in (self.taps, self.anchor, self.decor, self.replay, self.refresh, self.metrics)
+                if p is not None]
 
 
 class SuppleCallback(TrainerCallback):
@@ -160,6 +163,8 @@ class SuppleCallback(TrainerCallback):
         with self._guard():
             run.ctx.micro = 0
             model = kwargs.get("model") or run.ctx.model
+            if run.anchor is not None:
+                run.anchor.on_step_end()
             if run.refresh is not None:
                 run.refresh.on_step_end(kwargs.get("optimizer") or run.ctx.optimizer, model)
             if run.metrics is not None:
@@ -197,6 +202,8 @@ class SuppleCallback(TrainerCallback):
         for part in run.parts():
             part.attach(ctx)
             run.attached.append(part)
+        if run.anchor is not None:  # after every part is attached, before the first step
+            run.anchor.begin(run.taps, None)
         if run.parts() and trainer is not None:
             run.moved_from = _move_to_front(trainer, self)
         elif run.parts() and getattr(args, "report_to", None):
@@ -227,10 +234,14 @@ class SuppleCallback(TrainerCallback):
     def _collect_logs(self, run: _Run) -> dict[str, float]:
         out: dict[str, float] = {}
         if run.taps is not None and run.config.diversity_weight > 0:
-            mean, skipped = run.taps.collect()
-            run.skipped += skipped
-            if mean is not None:
-                out["supple/diversity"] = mean
+            summary = run.taps.collect_summary()
+            run.skipped += summary.skipped
+            if summary.mean is not None:
+                out["supple/diversity"] = summary.mean
+            if summary.active_share is not None:
+                out["supple/diversity_active"] = summary.active_share
+        if run.anchor is not None:
+            out.update(run.anchor.logs())
         for part in (run.decor, run.replay, run.refresh):
             if part is not None:
                 out.update(part.logs())
@@ -283,6 +294,8 @@ def _build_parts(cfg: SuppleConfig, ctx: TrainingContext, objects: dict) -> _Run
                                  cfg.diversity_max_tokens, cfg.diversity_normalize_tokens, cfg.metrics_every, model)
         if cfg.metrics_every > 0:
             run.metrics = MetricsPart(run.taps)
+        if cfg.diversity_reference == "pre_stage" and cfg.diversity_weight > 0:
+            run.anchor = run.taps.anchor = DiversityAnchor(cfg, run.taps.layers)
     if wants_params:
         run.decor = DecorrelationPart(cfg.decorrelation_weight, cfg.decorrelation_cross_weight, model,
                                       _previous_bases(cfg, objects), scan)

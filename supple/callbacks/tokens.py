@@ -20,12 +20,17 @@ from torch import nn
 from ..modeling import module_path
 
 
-def token_generator(seed: int, step: int, micro: int, layer: int) -> torch.Generator:
-    """Generator for the token subsample of one (optimizer step, global micro-batch index, block)."""
-    digest = hashlib.blake2b(f"supple/{seed}/{step}/{micro}/{layer}".encode(), digest_size=8).digest()
+def seeded_generator(label: str) -> torch.Generator:
+    """A CPU generator seeded with the first 63 bits of ``blake2b(label)`` (8-byte digest, little-endian)."""
+    digest = hashlib.blake2b(label.encode(), digest_size=8).digest()
     g = torch.Generator()
     g.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
     return g
+
+
+def token_generator(seed: int, step: int, micro: int, layer: int) -> torch.Generator:
+    """Generator for the token subsample of one (optimizer step, global micro-batch index, block)."""
+    return seeded_generator(f"supple/{seed}/{step}/{micro}/{layer}")
 
 
 def real_token_indices(mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor:

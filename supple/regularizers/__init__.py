@@ -1,5 +1,6 @@
 """Pure tensor functions: the penalty math, one implementation each. No transformers here."""
 
+from .anchor import anchor_threshold, auto_weight_step, hinge_value_and_grad
 from .diversity import PENALTIES, decov, get_penalty, ipr, penalty_value_and_grad, vicreg
 from .geometry import (
     anisotropy,
@@ -19,6 +20,8 @@ from .lora import lora_cross_overlap, lora_intra_decorrelation, lora_penalties
 
 __all__ = [
     "PENALTIES",
+    "anchor_threshold",
+    "auto_weight_step",
     "anisotropy",
     "effective_rank",
     "effective_rank_ratio",
@@ -33,6 +36,7 @@ __all__ = [
     "top_pc_share",
     "decov",
     "get_penalty",
+    "hinge_value_and_grad",
     "ipr",
     "lora_cross_overlap",
     "lora_intra_decorrelation",
