@@ -232,8 +232,9 @@ def reference_class(base_cls, diversity_weight=0.0, layers=(-1,), intra_weight=0
 
 
 def run(kind="sft", trainer_cls=None, callbacks=(), lora=True, ga=1, ckpt=False, steps=2, seed=0, out=None,
-        extra_args=None, model=None):
-    """Train a tiny Llama for ``steps`` optimizer steps with SGD; returns the trainer."""
+        extra_args=None, model=None, resume=None):
+    """Train a tiny Llama for ``steps`` optimizer steps with SGD (resuming from the checkpoint ``resume`` if
+    given); returns the trainer."""
     tok = make_tokenizer()
     model = model if model is not None else make_tiny_llama(tok, seed=seed)
     common = dict(
@@ -255,7 +256,7 @@ def run(kind="sft", trainer_cls=None, callbacks=(), lora=True, ga=1, ckpt=False,
         ref = None if lora else copy.deepcopy(model)
         tr = cls(model=model, ref_model=ref, args=args, train_dataset=dpo_dataset(), processing_class=tok,
                  peft_config=peft_config, callbacks=list(callbacks))
-    tr.train()
+    tr.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     return tr
 
 

@@ -4,6 +4,10 @@ Lifecycle (docs/design.md, "Lifecycle"): ``on_train_begin`` ends any earlier run
 fresh :class:`TrainingContext`, builds every part (each validates its inputs and touches nothing), and only
 then attaches them. ``on_train_end`` — or an error raised by supple at any point — detaches everything and
 forgets the trainer, so one callback object can serve several trainers in turn.
+
+Checkpoints: the callback is an ``ExportableState``; :meth:`SuppleCallback.state` puts the pre-stage diversity
+reference and the automatic weight into ``trainer_state.json``, and a resumed run reads them back from
+``state.stateful_callbacks`` at train begin (docs/design.md, "Reference-anchored diversity").
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from ..config import SuppleConfig, extract_supple_config
 from ..data import load_replay_items
 from ..modeling import scan_lora_modules
+from .checkpoint import check_not_recreated, saved_state
 from .context import TrainingContext, discover_trainer
 from .decorrelation import DecorrelationPart
 from .distributed import check_backend
@@ -56,7 +62,7 @@ class _Run:
                 if p is not None]
 
 
-class SuppleCallback(TrainerCallback):
+class SuppleCallback(TrainerCallback, ExportableState):
     """Adds supple's regularizers to a Trainer's objective and logs ``supple/*`` metrics.
 
     Args:
@@ -187,10 +193,25 @@ class SuppleCallback(TrainerCallback):
         self.detach()
         return control
 
+    # -- checkpoint state -------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """What a checkpoint keeps of this callback (``transformers.ExportableState``): under ``"supple"`` the
+        diversity reference and weight of the current run (None without one). ``args``/``attributes`` only tell
+        a copy re-created by transformers (``restore_callback_states_from_checkpoint=True``) what it lacks."""
+        run = self._run
+        anchor = run.anchor if run is not None else None
+        return {
+            "args": {},
+            "attributes": {"_recreated_without": {"config": self.user_config is not None,
+                                                  "objects": sorted(self.objects)}},
+            "supple": anchor.state_dict() if anchor is not None else None,
+        }
+
     # -- run setup ----------------------------------------------------------------------------------
     def _start(self, args, state, model, kwargs: dict) -> _Run:
         if model is None:
             raise ValueError("SuppleCallback needs the model at train begin (the Trainer passes it).")
+        check_not_recreated(self)
         cfg = self.user_config if self.user_config is not None else extract_supple_config(args)
         trainer = self._attached_trainer or discover_trainer(self)
         if trainer is not None:
@@ -202,8 +223,9 @@ class SuppleCallback(TrainerCallback):
         for part in run.parts():
             part.attach(ctx)
             run.attached.append(part)
+        saved = saved_state(state, self)
         if run.anchor is not None:  # after every part is attached, before the first step
-            run.anchor.begin(run.taps, None)
+            run.anchor.begin(run.taps, saved)
         if run.parts() and trainer is not None:
             run.moved_from = _move_to_front(trainer, self)
         elif run.parts() and getattr(args, "report_to", None):
