@@ -22,6 +22,12 @@ SETTINGS = {
     "number plain 25@2e-4": ("number_words", "plain", 25, 2e-4),
     "number chat 25@2e-4": ("number_words", "chat", 25, 2e-4),
     "reverse chat 10@1e-3": ("reverse_words", "chat", 10, 1e-3),
+    # long probes: trained to near convergence, so a checkpoint's head start (it already answers tersely) fades
+    # and what is left is how far the features let a fresh adapter fit the task
+    "reverse plain 100@2e-4": ("reverse_words", "plain", 100, 2e-4),
+    "reverse plain 50@1e-3": ("reverse_words", "plain", 50, 1e-3),
+    "reverse plain 50@5e-4": ("reverse_words", "plain", 50, 5e-4),
+    "number plain 100@2e-4": ("number_words", "plain", 100, 2e-4),
 }
 
 
@@ -51,6 +57,7 @@ def main(argv=None) -> int:
             p = probe_summary(model, tok, fam, b, name)
             rows.append({"model": spec, "setting": setting, "start": p["start_loss"], "final": p["final_loss"],
                          "noise": p["final_loss_spread"], "per_seed_final": p["per_seed"]["final_loss"],
+                         "eval_steps": p["eval_steps"], "eval_loss": p["eval_loss"],
                          "seconds": time.perf_counter() - t0})
             print(f"{spec[-40:]:>40}  {setting:<24} start {p['start_loss']:.3f}  final {p['final_loss']:.3f}  "
                   f"noise {p['final_loss_spread']:.3f}  ({rows[-1]['seconds']:.0f} s)", flush=True)

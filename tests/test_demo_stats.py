@@ -99,3 +99,31 @@ def test_analyze_constructed_arms():
     assert an["goal"]["good"]["all"] and not an["goal"]["bad"]["all"]
     assert not an["goal"]["bad"]["forgetting"]  # its first-task CE is higher on every seed
     assert good["stage quality"]["dpo reward acc"]["relative"]["estimate"] == pytest.approx(1.0)
+
+
+def test_recovered_plot_shows_no_share_where_the_baseline_did_not_degrade(tmp_path, monkeypatch):
+    """A share of a gap of the wrong sign reads backwards (an arm worse than the baseline looks like a
+    recovery): the panel of a measure that did not degrade plots no share, the degraded one plots every arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from supple.testbed.verdict import plot_recovered
+
+    share = {"estimate": 0.4, "lo": 0.2, "hi": 0.6, "n": 3}
+    an = {"probes": ["reverse_words"], "ood": "knowledge", "last_stage": "sft2", "seeds": [0, 1, 2],
+          "problem": {"probe reverse_words": {"estimate": -0.17, "lo": -0.19, "hi": -0.13, "degraded": False},
+                      "OOD acc knowledge": {"estimate": -0.16, "lo": -0.19, "hi": -0.12, "degraded": True}},
+          "arms": {"baseline": {}, **{a: {"recovered probe reverse_words": share, "recovered OOD": share}
+                                      for a in ("supple", "replay")}}}
+    calls = []
+    real = Axes.errorbar
+    monkeypatch.setattr(Axes, "errorbar", lambda ax, *a, **k: calls.append(ax.get_title()) or real(ax, *a, **k))
+    texts = []
+    real_text = Axes.text
+    monkeypatch.setattr(Axes, "text", lambda ax, *a, **k: texts.append(a[2]) or real_text(ax, *a, **k))
+    path = plot_recovered({"analysis": an, "meta": {"model": "m"}}, str(tmp_path / "r.png"))
+    assert (tmp_path / "r.png").stat().st_size > 0 and path.endswith("r.png")
+    assert calls == ["", ""]  # two arms, both on the OOD panel (errorbar is drawn before the title is set)
+    assert len(texts) == 1 and "no loss to recover" in texts[0] and "-0.170" in texts[0]

@@ -171,8 +171,8 @@ def test_lora_input_subspaces_match_saved_adapter_route(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ end to end, tiny
-RECORD_KEYS = {"seed", "arm", "stage_index", "stage", "kind", "family", "geometry", "tasks", "ece", "probe",
-               "eval_s", "train", "forgetting"}
+RECORD_KEYS = {"seed", "arm", "stage_index", "stage", "kind", "family", "geometry", "tasks", "ece",
+               "eval_s", "train", "forgetting"}  # "probe": the probed stages only (below)
 FILES = ("results.json", "measure_records.json", "table.txt", "summary.md", "summary.png", "probe_curves.png")
 
 
@@ -189,6 +189,7 @@ def _check_outputs(out, seeds, arms, stages):
         assert RECORD_KEYS <= set(r), RECORD_KEYS - set(r)
         assert {"erank", "anisotropy", "erank_unit", "general_nll"} <= set(r["geometry"])
         if "probe" in r or r["stage"] in ("base", stages[-1]):  # probed: the base model and the last stage at least
+            assert "probe" in r, r["stage"]
             assert {"start_loss", "final_loss", "improvement", "area", "eval_loss"} <= set(r["probe"])
         assert set(r["tasks"]) == {*res["meta"]["families"]["stages"], res["meta"]["families"]["ood"]}
         for m in r["tasks"].values():

@@ -49,6 +49,14 @@ ARM_TABLE: dict[str, Arm] = {a.name: a for a in (
     Arm("supple", "supple's default arm (SUPPLE_ARM_DEFAULTS)", supple=SUPPLE_ARM_DEFAULTS),
     Arm("diversity", "diversity penalty alone (normalized ipr, weight 1, last block)",
         supple={"diversity_weight": 1.0, "diversity_penalty": "ipr", "diversity_layers": [-1]}),
+    Arm("diversity_anchored", "diversity penalty only where it fell below the pre-stage model's (ipr, weight 1, "
+        "last block, reference on 4 batches, tolerance 0)",
+        supple={"diversity_weight": 1.0, "diversity_penalty": "ipr", "diversity_layers": [-1],
+                "diversity_reference": "pre_stage", "diversity_tolerance": 0.0}),
+    Arm("diversity_auto", "anchored diversity with the automatic weight (starts at 1, bounds [0.001, 10], rate 0.05)",
+        supple={"diversity_weight": 1.0, "diversity_penalty": "ipr", "diversity_layers": [-1],
+                "diversity_reference": "pre_stage", "diversity_tolerance": 0.0, "diversity_weight_schedule": "auto",
+                "diversity_weight_min": 1e-3, "diversity_weight_max": 10.0, "diversity_weight_rate": 0.05}),
     Arm("decorrelation", "LoRA decorrelation alone (intra and cross-stage, weight 1 each)", lora_only=True,
         supple={"decorrelation_weight": 1.0, "decorrelation_cross_weight": 1.0}),
     Arm("replay", "mixed-domain replay alone (builtin:pydoc, 1 sequence every 2 steps, weight 1)",
@@ -63,8 +71,8 @@ ARM_TABLE: dict[str, Arm] = {a.name: a for a in (
 )}
 ARMS = tuple(ARM_TABLE)
 MAIN_ARMS = ("baseline", "supple")
-ABLATION_ARMS = ("baseline", "supple", "l2_anchor", "diversity", "replay", "refresh_boundary", "refresh",
-                 "decorrelation")
+ABLATION_ARMS = ("baseline", "supple", "l2_anchor", "diversity", "diversity_anchored", "diversity_auto", "replay",
+                 "refresh_boundary", "refresh", "decorrelation")
 
 _REPLAY_FIELDS = ("replay_data", "replay_weight", "replay_every", "replay_batch_size")
 _LORA_FIELDS = ("decorrelation_weight", "decorrelation_cross_weight")

@@ -107,10 +107,21 @@ def plot_recovered(results: dict, path: str) -> str:
 
     an = results["analysis"]
     arms = [a for a in an["arms"] if a != "baseline"]
-    keys = [(f"recovered probe {p}", f"plasticity gap recovered\nprobe {p}") for p in an["probes"]]
-    keys.append(("recovered OOD", f"OOD-accuracy drop recovered\n{an['ood']}"))
+    problem = an.get("problem") or {}
+    keys = [(f"recovered probe {p}", f"plasticity gap recovered\nprobe {p}", problem.get(f"probe {p}"))
+            for p in an["probes"]]
+    keys.append(("recovered OOD", f"OOD-accuracy drop recovered\n{an['ood']}", problem.get(f"OOD acc {an['ood']}")))
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 0.5 * len(arms) + 1.8), squeeze=False, sharey=True)
-    for ax, (key, title) in zip(axes.flat, keys):
+    for ax, (key, title, prob) in zip(axes.flat, keys):
+        if prob is not None and not prob.get("degraded", True):
+            # no degradation: a share of a gap of the wrong sign would read backwards (an arm worse than the
+            # baseline would look like a recovery), so the panel says so instead of plotting one
+            ax.text(0.5, 0.5, "no loss to recover:\nthe baseline did not degrade here\n"
+                    f"(change {prob['estimate']:+.3f} [{prob['lo']:+.3f}, {prob['hi']:+.3f}])\nsee the table",
+                    ha="center", va="center", transform=ax.transAxes, fontsize=9, color="dimgray")
+            ax.set_title(title, fontsize=9)
+            ax.set_xticks([])
+            continue
         for y, arm in enumerate(arms):
             d = an["arms"][arm][key]
             est, lo, hi = d["estimate"], d["lo"], d["hi"]

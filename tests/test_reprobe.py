@@ -1,0 +1,78 @@
+"""benchmarks/reprobe_demo.py: re-measure one probe family on a finished demo's saved checkpoints.
+
+A tiny-model smoke demo with ``--save-models`` is re-probed with another probe length; the re-probed family's
+records must carry the new probe (its evaluation schedule ends at the new step count) while the training records
+and the other probe families stay exactly as the demo wrote them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_reprobe():
+    spec = importlib.util.spec_from_file_location("_test_reprobe_demo", REPO / "benchmarks" / "reprobe_demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from supple.cli import main
+
+    root = tmp_path_factory.mktemp("reprobe")
+    out, models = root / "demo", root / "models"
+    assert main(["demo", "--model", "tiny", "--preset", "smoke", "--arms", "baseline,l2_anchor", "--seeds", "1",
+                 "--out", str(out), "--no-progress", "--save-models", str(models)]) == 0
+    return root, out, models, json.loads((out / "results.json").read_text())
+
+
+def test_reprobe_replaces_one_family_only(demo, capsys):
+    root, out, models, before = demo
+    probes = before["meta"]["families"]["probes"]
+    family, other = probes[0], probes[1:]
+    old_steps = before["records"][0]["probes"][family]["eval_steps"][-1]
+    new_steps = old_steps + 3
+    dest = root / "re"
+    rc = _load_reprobe().main(["--demo", str(out), "--models", str(models), "--base", "tiny", "--family", family,
+                               "--steps", str(new_steps), "--lr", "1e-3", "--probe-seeds", "3", "--out", str(dest)])
+    assert rc == 0
+    after = json.loads((dest / "results.json").read_text())
+    assert after["meta"]["reprobe"]["family"] == family and after["meta"]["reprobe"]["probe_steps"] == new_steps
+    probed = [(a, b) for a, b in zip(before["records"], after["records"]) if family in (a.get("probes") or {})]
+    assert probed and any(a["stage"] == "base" for a, _ in probed) and any(a["stage"] != "base" for a, _ in probed)
+    for a, b in zip(before["records"], after["records"]):
+        assert (a["seed"], a["arm"], a["stage"]) == (b["seed"], b["arm"], b["stage"])
+        assert a["tasks"] == b["tasks"] and a["train"] == b["train"]  # training and evaluation untouched
+        if family not in (a.get("probes") or {}):
+            assert "probes" not in b or b["probes"] == a.get("probes")
+            continue
+        assert b["probes"][family]["eval_steps"][-1] == new_steps
+        assert len(b["probes"][family]["per_seed"]["final_loss"]) == 3  # --probe-seeds 3
+        for fam in other:
+            assert b["probes"][fam] == a["probes"][fam]
+        if a["probe"].get("family", probes[0]) == family:
+            assert b["probe"] == b["probes"][family]
+    # the same base model and probe seeds for every arm: the two arms' base records carry one measurement
+    bases = [b["probes"][family]["final_loss"] for b in after["records"] if b["stage"] == "base"]
+    assert len(set(bases)) == 1
+    assert (dest / "summary.md").is_file() and (dest / "table.txt").is_file()
+    # the demo's own outputs are not modified
+    assert json.loads((out / "results.json").read_text()) == before
+
+
+def test_reprobe_missing_checkpoints_is_a_clear_error(demo, tmp_path, capsys):
+    _, out, _, before = demo
+    family = before["meta"]["families"]["probes"][0]
+    with pytest.raises(SystemExit) as err:
+        _load_reprobe().main(["--demo", str(out), "--models", str(tmp_path / "nowhere"), "--base", "tiny",
+                              "--family", family, "--steps", "2", "--lr", "1e-3", "--out", str(tmp_path / "x")])
+    assert err.value.code == 2
+    assert "--save-models" in capsys.readouterr().err
