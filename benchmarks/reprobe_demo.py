@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, required=True, help="probe steps")
     ap.add_argument("--lr", type=float, required=True, help="probe learning rate")
     ap.add_argument("--probe-seeds", type=int, default=None, help="probe seeds per checkpoint (default: the demo's)")
+    ap.add_argument("--warmup", type=int, default=0, help="probe learning-rate warm-up steps (default 0)")
+    ap.add_argument("--clip", type=float, default=0.0, help="probe gradient-norm clipping (default 0 = none)")
     ap.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every N steps (default steps/5)")
     ap.add_argument("--workers", type=int, default=1, help="processes, one torch thread each")
     ap.add_argument("--arms", default=None, help="comma-separated arms to keep (default: all of the demo's)")
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 1 or not 0 < args.lr < 1 or args.workers < 1 or (args.probe_seeds or 1) < 1:
         ap.error("--steps >= 1, 0 < --lr < 1, --workers >= 1 and --probe-seeds >= 1")
+    if args.warmup < 0 or args.clip < 0:
+        ap.error("--warmup >= 0 and --clip >= 0 (0 = off)")
 
     from supple.testbed.analysis import analyze
     from supple.testbed.pipeline import summarize
@@ -72,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         results["records"] = [r for r in results["records"] if r["arm"] in keep]
     budget_fields = {k: v for k, v in meta["budget"].items() if k in Budget.__dataclass_fields__}
     budget = replace(Budget(**budget_fields), probe_steps=args.steps, probe_lr=args.lr,
-                     probe_eval_every=args.eval_every or max(1, args.steps // 5))
+                     probe_eval_every=args.eval_every or max(1, args.steps // 5), probe_warmup=args.warmup,
+                     probe_max_grad_norm=args.clip)
     if args.probe_seeds:
         budget = replace(budget, probe_seeds=args.probe_seeds)
     base_spec = args.base or meta.get("model_spec") or "embedded"
@@ -118,12 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     meta["reprobe"] = {"family": args.family, "probe_steps": args.steps, "probe_lr": args.lr,
                        "probe_seeds": budget.probe_seeds, "probe_rank": budget.probe_rank,
                        "probe_batch": budget.probe_batch, "probe_format": budget.probe_format,
+                       "probe_warmup": budget.probe_warmup, "probe_max_grad_norm": budget.probe_max_grad_norm,
                        "checkpoints": len(todo), "seconds": time.perf_counter() - t0,
                        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                        "command": "python benchmarks/reprobe_demo.py " + " ".join(argv or __import__("sys").argv[1:])}
     meta.setdefault("notes", []).append(
-        f"probe {args.family} re-measured on the saved checkpoints: {args.steps} steps @ lr {args.lr:g} "
-        f"(benchmarks/reprobe_demo.py); the other probe families keep the run's own settings")
+        f"probe {args.family} re-measured on the saved checkpoints: {args.steps} steps @ lr {args.lr:g}"
+        + (f", warm-up {args.warmup}" if args.warmup else "") + (f", clip {args.clip:g}" if args.clip else "") + " "
+        "(benchmarks/reprobe_demo.py); the other probe families keep the run's own settings")
     results["summary"] = summarize(results["records"])
     results["analysis"] = analyze(results)
     meta["files"] = write_outputs(results, measure_rows, args.out)

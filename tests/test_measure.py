@@ -250,6 +250,36 @@ def test_probe_is_deterministic_and_learns(tok):
     assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_probe_warmup_and_clipping(tok, monkeypatch):
+    """``warmup_steps`` gives step k the learning rate lr·min(1, k/W); ``max_grad_norm`` caps the total gradient
+    norm the optimizer sees; the defaults leave a constant lr and unclipped gradients; bad values are refused."""
+    train, held = load_probe_task("builtin:reverse", n_train=16, n_eval=8)
+    seen: list[tuple[float, float]] = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        seen.append((self.param_groups[0]["lr"], float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(x) for x in grads])))))
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    kw = dict(steps=6, lr=1e-2, rank=4, batch_size=8, max_length=48, seed=3, eval_every=3, progress=False)
+    plain = plasticity_probe(make_tiny_llama(tok), tok, train, held, **kw)
+    plain_seen, seen[:] = list(seen), []
+    tamed = plasticity_probe(make_tiny_llama(tok), tok, train, held, warmup_steps=4, max_grad_norm=1e-3, **kw)
+    assert [lr for lr, _ in plain_seen] == [1e-2] * 6
+    assert [lr for lr, _ in seen] == pytest.approx([1e-2 * k / 4 for k in (1, 2, 3, 4)] + [1e-2, 1e-2])
+    assert min(n for _, n in plain_seen) > 1e-3  # so the clip below is active
+    assert all(n <= 1e-3 * (1 + 1e-4) for _, n in seen)
+    assert tamed["warmup_steps"] == 4 and tamed["max_grad_norm"] == 1e-3 and plain["max_grad_norm"] is None
+    assert tamed["eval_loss"][0] == plain["eval_loss"][0] and tamed["final_loss"] != plain["final_loss"]
+    with pytest.raises(ValueError, match="warmup_steps must be"):
+        plasticity_probe(make_tiny_llama(tok), tok, train, held, warmup_steps=-1, **kw)
+    with pytest.raises(ValueError, match="max_grad_norm must be"):
+        plasticity_probe(make_tiny_llama(tok), tok, train, held, max_grad_norm=0.0, **kw)
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def test_cli_measure_and_probe_write_every_file(tok, tmp_path):
     from supple.cli import main
@@ -356,6 +386,10 @@ def test_cli_measure_and_probe_write_every_file(tok, tmp_path):
             "--no-progress",
             "--device",
             "cpu",
+            "--warmup",
+            "2",
+            "--max-grad-norm",
+            "1.0",
         ]
     )
     assert rc == 0
@@ -363,6 +397,10 @@ def test_cli_measure_and_probe_write_every_file(tok, tmp_path):
         assert (pout / f).is_file(), f
     res = json.loads((pout / "probe.json").read_text())["results"][0]
     assert len(res["train_loss"]) == 2 and res["eval_steps"] == [0, 1, 2]
+    assert res["warmup_steps"] == 2 and res["max_grad_norm"] == 1.0
+    with pytest.raises(SystemExit) as err:  # argparse's one-line error
+        main(["probe", str(base), "--warmup", "-1", "--device", "cpu"])
+    assert err.value.code == 2
 
 
 @pytest.mark.slow

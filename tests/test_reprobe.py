@@ -42,10 +42,13 @@ def test_reprobe_replaces_one_family_only(demo, capsys):
     new_steps = old_steps + 3
     dest = root / "re"
     rc = _load_reprobe().main(["--demo", str(out), "--models", str(models), "--base", "tiny", "--family", family,
-                               "--steps", str(new_steps), "--lr", "1e-3", "--probe-seeds", "3", "--out", str(dest)])
+                               "--steps", str(new_steps), "--lr", "1e-3", "--probe-seeds", "3", "--warmup", "2",
+                               "--clip", "1.0", "--out", str(dest)])
     assert rc == 0
     after = json.loads((dest / "results.json").read_text())
-    assert after["meta"]["reprobe"]["family"] == family and after["meta"]["reprobe"]["probe_steps"] == new_steps
+    meta = after["meta"]["reprobe"]
+    assert meta["family"] == family and meta["probe_steps"] == new_steps
+    assert meta["probe_warmup"] == 2 and meta["probe_max_grad_norm"] == 1.0
     probed = [(a, b) for a, b in zip(before["records"], after["records"]) if family in (a.get("probes") or {})]
     assert probed and any(a["stage"] == "base" for a, _ in probed) and any(a["stage"] != "base" for a, _ in probed)
     for a, b in zip(before["records"], after["records"]):

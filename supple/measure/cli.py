@@ -117,6 +117,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument(
         "--eval-every", type=at_least(1), default=None, help="held-out evaluation interval (default steps/10)"
     )
+    p.add_argument("--warmup", type=at_least(0), default=0, help="linear learning-rate warm-up steps (default 0)")
+    p.add_argument("--max-grad-norm", type=positive_float, default=None,
+                   help="clip the LoRA gradient norm to this before each step (default: no clipping)")
     _common(p)
     p.set_defaults(func=cmd_probe, max_length=128)
 
@@ -255,6 +258,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
                 eval_every=args.eval_every,
                 name=name,
                 progress=not args.no_progress,
+                warmup_steps=args.warmup,
+                max_grad_norm=args.max_grad_norm,
             )
             res["task"] = args.task
             results.append(res)

@@ -174,6 +174,8 @@ def plasticity_probe(
     eval_every: int | None = None,
     name: str = "model",
     progress: bool = True,
+    warmup_steps: int = 0,
+    max_grad_norm: float | None = None,
 ) -> dict:
     """Train a fresh LoRA on ``train_texts`` for ``steps`` AdamW steps; report the held-out loss curve.
 
@@ -185,12 +187,20 @@ def plasticity_probe(
 
     The LoRA is injected into ``model`` and removed again at the end (``unload``), so the base weights
     are unchanged; a PEFT model is first merged (``merge_and_unload``) and comes back merged.
+
+    ``warmup_steps`` ramps the learning rate linearly, ``lr·k/warmup_steps`` at step k ≤ warmup_steps, then
+    holds it; ``max_grad_norm`` clips the LoRA parameters' total gradient norm before each step. Both tame a
+    fast probe (a high ``lr``) whose first steps can overshoot; the defaults (0, None) leave the optimizer as is.
     """
     from peft import LoraConfig, PeftModel, get_peft_model
     from tqdm.auto import tqdm
 
     if steps < 1:
         raise ValueError("steps must be ≥ 1")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be ≥ 0 (0 = no warm-up), got {warmup_steps}")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 or None (no clipping), got {max_grad_norm}")
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
     model = unwrap_model(model)
@@ -228,6 +238,11 @@ def plasticity_probe(
                 loss = total / max(count, 1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                if warmup_steps:
+                    for group in opt.param_groups:
+                        group["lr"] = lr * min(1.0, step / warmup_steps)
                 opt.step()
                 train_curve.append(float(loss.detach()))
                 if step % eval_every == 0 or step == steps:
@@ -248,6 +263,8 @@ def plasticity_probe(
         "rank": rank,
         "alpha": alpha,
         "batch_size": batch_size,
+        "warmup_steps": warmup_steps,
+        "max_grad_norm": max_grad_norm,
         "train_texts": len(train),
         "eval_texts": len(held),
         "train_loss": train_curve,

@@ -214,6 +214,7 @@ def probe_summary(model, tok, family: str, budget: Budget, name: str) -> dict:
             model, tok, train, held, steps=budget.probe_steps, lr=budget.probe_lr, rank=budget.probe_rank,
             alpha=2.0 * budget.probe_rank, batch_size=budget.probe_batch, seed=ps,
             eval_every=budget.probe_eval_every, name=f"{name} {family}", progress=False,
+            warmup_steps=budget.probe_warmup, max_grad_norm=budget.probe_max_grad_norm or None,
         ))
     out: dict[str, Any] = {"family": family, "seeds": list(range(budget.probe_seeds))}
     for k in _PROBE_KEYS:

@@ -106,6 +106,8 @@ class Budget:
     probe_eval: int = 64
     probe_seeds: int = 2
     probe_format: str = "plain"  # "plain" (QUESTION\nAnswer: ANSWER) or "chat" (the stages' chat template)
+    probe_warmup: int = 0  # linear learning-rate warm-up steps of the probe (0 = none)
+    probe_max_grad_norm: float = 0.0  # gradient-norm clipping of the probe (0 = none)
     probe_every_stage: bool = False  # True: probe after every stage (default: the base model and the last stage)
     geometry_texts: int = 8
     geometry_tokens: int = 384
