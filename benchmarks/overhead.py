@@ -53,6 +53,7 @@ timed step) and prints a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import datetime as _dt
@@ -115,14 +116,13 @@ PIPELINE_OVERRIDES: dict = {}  # --pipeline FIELD=VALUE
 REFERENCE_S: dict[str, list[float]] = {}  # config -> seconds of each pre-stage reference measurement
 
 
-def _time_reference_measurements() -> None:
-    """Time the callback's own pre-stage reference measurement (its train-begin forwards and penalties) in every
-    trainer, keyed by the configuration of the trainer thread that runs it. Threads start one at a time, so the
-    measurement runs alone on the machine."""
+@contextlib.contextmanager
+def timed_reference_measurements():
+    """While active, time the callback's own pre-stage reference measurement (its train-begin forwards and
+    penalties) in every trainer, into ``REFERENCE_S`` keyed by the configuration of the trainer thread that runs
+    it. Threads start one at a time, so the measurement runs alone on the machine. The method is restored after."""
     from supple.callbacks.reference import DiversityAnchor
 
-    if getattr(DiversityAnchor._measure, "_timed", False):
-        return
     inner = DiversityAnchor._measure
 
     def timed(self, *a, **kw):
@@ -133,8 +133,11 @@ def _time_reference_measurements() -> None:
             name = threading.current_thread().name.removeprefix("train-")
             REFERENCE_S.setdefault(name, []).append(time.perf_counter() - t0)
 
-    timed._timed = True
     DiversityAnchor._measure = timed
+    try:
+        yield
+    finally:
+        DiversityAnchor._measure = inner
 
 
 def pipeline_settings() -> dict:
@@ -283,7 +286,6 @@ def build_trainers(args, base, tok, names: list[str], total_steps: int):
     from supple import SuppleCallback, SuppleConfig
 
     Turnstile = _make_turnstile_class()
-    _time_reference_measurements()
     data = text_dataset(args.batch * (total_steps + 4))
     out = []
     for name in names:
@@ -620,8 +622,9 @@ def main(argv=None) -> int:
     per_trainer = args.warmup + args.reps * args.block + args.mem_steps
     log(f"{model_tag}: {len(names)} configs x {per_trainer} steps "
         f"(warmup {args.warmup}, {args.reps} reps x {args.block}, memory {args.mem_steps}); building trainers")
-    trainers = build_trainers(args, base, tok, names, per_trainer)
-    run_interleaved(trainers, turns, log)
+    with timed_reference_measurements():
+        trainers = build_trainers(args, base, tok, names, per_trainer)
+        run_interleaved(trainers, turns, log)
     train_s = time.perf_counter() - started
 
     # step times: times[config][rep][j]

@@ -14,11 +14,13 @@ re-measured, and how.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
+import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 
 def _probe_one(args: tuple) -> tuple[str, dict]:
@@ -97,23 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     todo = list(dict.fromkeys(specs.values()))
     print(f"reprobe: {len(todo)} checkpoint(s), {args.family} {args.steps} steps @ {args.lr:g}, "
           f"{budget.probe_seeds} probe seeds, {args.workers} worker(s)", flush=True)
-    jobs = [(spec, args.family, _fields(budget), 1) for spec in todo]
+    jobs = [(spec, args.family, asdict(budget), 1) for spec in todo]
     t0 = time.perf_counter()
     probed: dict[str, dict] = {}
-    if args.workers == 1:
-        for job in jobs:
-            spec, summary = _probe_one(job)
+    with contextlib.ExitStack() as stack:
+        if args.workers == 1:
+            done = map(_probe_one, jobs)
+        else:
+            import multiprocessing as mp
+
+            done = stack.enter_context(mp.get_context("spawn").Pool(args.workers)).imap_unordered(_probe_one, jobs)
+        for spec, summary in done:
             probed[spec] = summary
             print(f"  {spec}: final {summary['final_loss']:.3f} (noise {summary['final_loss_spread']:.3f}, "
                   f"{summary['seconds']:.0f} s)", flush=True)
-    else:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(args.workers) as pool:
-            for spec, summary in pool.imap_unordered(_probe_one, jobs):
-                probed[spec] = summary
-                print(f"  {spec}: final {summary['final_loss']:.3f} (noise {summary['final_loss_spread']:.3f}, "
-                      f"{summary['seconds']:.0f} s)", flush=True)
 
     for i, spec in specs.items():
         rec = results["records"][i]
@@ -126,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                        "probe_warmup": budget.probe_warmup, "probe_max_grad_norm": budget.probe_max_grad_norm,
                        "checkpoints": len(todo), "seconds": time.perf_counter() - t0,
                        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                       "command": "python benchmarks/reprobe_demo.py " + " ".join(argv or __import__("sys").argv[1:])}
+                       "command": "python benchmarks/reprobe_demo.py " + " ".join(argv or sys.argv[1:])}
     meta.setdefault("notes", []).append(
         f"probe {args.family} re-measured on the saved checkpoints: {args.steps} steps @ lr {args.lr:g}"
         + (f", warm-up {args.warmup}" if args.warmup else "") + (f", clip {args.clip:g}" if args.clip else "") + " "
@@ -139,12 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     print(format_verdict(results))
     print(f"wrote {', '.join(sorted(meta['files'].values()))}")
     return 0
-
-
-def _fields(budget) -> dict:
-    from dataclasses import asdict
-
-    return asdict(budget)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ class DiversityTaps:
         self._taps: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor] | None] = {}
         self._real_idx: tuple[tuple[int, int], torch.Tensor] | None = None
         self._warned: set[str] = set()
-        self._pos = {layer: i for i, layer in enumerate(self.layers)}
+        self.positions = {layer: i for i, layer in enumerate(self.layers)}  # block index -> position in layers
         self.anchor: Any | None = None
         self.probe: Callable[[torch.Tensor, int], None] | None = None
 
@@ -193,7 +193,7 @@ class DiversityTaps:
         p, g, finite = self._penalty(h)
         weight = self.weight
         if self.anchor is not None:  # λ·relu(P − T): g where P > T, else 0 (decided on device)
-            pos = self._pos[layer]
+            pos = self.positions[layer]
             _, g, above = hinge_value_and_grad(p, g, self.anchor.threshold_at(pos, p.device))
             weight = self.anchor.weight_on(g.device)
             self.anchor.record(pos, p, finite)

@@ -263,7 +263,7 @@ class DiversityAnchor:
         trainer = ctx.trainer
         device = getattr(getattr(trainer, "args", None), "device", None) or _model_device(model)
         names = forward_input_names(model)
-        pos = {layer: i for i, layer in enumerate(self.layers)}
+        pos = taps.positions
         sums, counts = torch.zeros_like(self._sums), torch.zeros_like(self._counts)
         current: dict[str, Any] = {}
 

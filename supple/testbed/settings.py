@@ -44,6 +44,8 @@ class Arm:
     boundary_refresh: tuple[float, float] | None = None
 
 
+_ANCHORED = {"diversity_weight": 1.0, "diversity_penalty": "ipr", "diversity_layers": [-1],
+             "diversity_reference": "pre_stage", "diversity_tolerance": 0.0}  # the anchored arms' shared settings
 ARM_TABLE: dict[str, Arm] = {a.name: a for a in (
     Arm("baseline", "plain TRL training"),
     Arm("supple", "supple's default arm (SUPPLE_ARM_DEFAULTS)", supple=SUPPLE_ARM_DEFAULTS),
@@ -51,12 +53,10 @@ ARM_TABLE: dict[str, Arm] = {a.name: a for a in (
         supple={"diversity_weight": 1.0, "diversity_penalty": "ipr", "diversity_layers": [-1]}),
     Arm("diversity_anchored", "diversity penalty only where it fell below the pre-stage model's (ipr, weight 1, "
         "last block, reference on 4 batches, tolerance 0)",
-        supple={"diversity_weight": 1.0, "diversity_penalty": "ipr", "diversity_layers": [-1],
-                "diversity_reference": "pre_stage", "diversity_tolerance": 0.0}),
+        supple=dict(_ANCHORED)),
     Arm("diversity_auto", "anchored diversity with the automatic weight (starts at 1, bounds [0.001, 10], rate 0.05)",
-        supple={"diversity_weight": 1.0, "diversity_penalty": "ipr", "diversity_layers": [-1],
-                "diversity_reference": "pre_stage", "diversity_tolerance": 0.0, "diversity_weight_schedule": "auto",
-                "diversity_weight_min": 1e-3, "diversity_weight_max": 10.0, "diversity_weight_rate": 0.05}),
+        supple={**_ANCHORED, "diversity_weight_schedule": "auto", "diversity_weight_min": 1e-3,
+                "diversity_weight_max": 10.0, "diversity_weight_rate": 0.05}),
     Arm("decorrelation", "LoRA decorrelation alone (intra and cross-stage, weight 1 each)", lora_only=True,
         supple={"decorrelation_weight": 1.0, "decorrelation_cross_weight": 1.0}),
     Arm("replay", "mixed-domain replay alone (builtin:pydoc, 1 sequence every 2 steps, weight 1)",
