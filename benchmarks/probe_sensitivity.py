@@ -28,6 +28,10 @@ SETTINGS = {
     "reverse plain 50@1e-3": ("reverse_words", "plain", 50, 1e-3),
     "reverse plain 50@5e-4": ("reverse_words", "plain", 50, 5e-4),
     "number plain 100@2e-4": ("number_words", "plain", 100, 2e-4),
+    # memorization (word_codes: arbitrary answers, scored on the items trained on): trainability, not transfer
+    "codes plain 60@1e-3": ("word_codes", "plain", 60, 1e-3),
+    "codes plain 100@1e-3": ("word_codes", "plain", 100, 1e-3),
+    "codes plain 60@5e-4": ("word_codes", "plain", 60, 5e-4),
 }
 
 
@@ -51,8 +55,7 @@ def main(argv=None) -> int:
         model, tok, name = load_testbed_model(spec)
         for setting in args.settings:
             fam, fmt, steps, lr = SETTINGS[setting]
-            b = replace(base, probe_steps=steps, probe_lr=lr, probe_format=fmt, probe_seeds=args.probe_seeds,
-                        probe_eval_every=max(1, steps // 5))
+            b = replace(base, probe_format=fmt, probe_seeds=args.probe_seeds).with_probe(fam, steps, lr)
             t0 = time.perf_counter()
             p = probe_summary(model, tok, fam, b, name)
             rows.append({"model": spec, "setting": setting, "start": p["start_loss"], "final": p["final_loss"],

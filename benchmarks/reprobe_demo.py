@@ -5,7 +5,7 @@ on the base model and on the probed stages' checkpoints, replaces that probe fam
 demo's results, and writes the demo's usual outputs (verdict, tables, plots) from the same analysis code. The
 training is untouched: only the measurement changes, and every checkpoint is probed with the same probe seeds, so
 arms stay paired. The other probe families keep their recorded values; ``meta.reprobe`` says which family was
-re-measured, and how.
+re-measured, and how. A family the demo did not probe (e.g. ``word_codes`` on an older run) is added.
 
     python benchmarks/reprobe_demo.py --demo docs/demo --models /work/models_ablation \\
         --family reverse_words --steps 50 --lr 1e-3 --workers 2 --out docs/demo/reprobe
@@ -77,9 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         meta["arms"] = [a for a in meta["arms"] if a in keep]
         results["records"] = [r for r in results["records"] if r["arm"] in keep]
     budget_fields = {k: v for k, v in meta["budget"].items() if k in Budget.__dataclass_fields__}
-    budget = replace(Budget(**budget_fields), probe_steps=args.steps, probe_lr=args.lr,
-                     probe_eval_every=args.eval_every or max(1, args.steps // 5), probe_warmup=args.warmup,
-                     probe_max_grad_norm=args.clip)
+    budget = replace(Budget(**budget_fields), probe_warmup=args.warmup, probe_max_grad_norm=args.clip)
+    budget = budget.with_probe(args.family, args.steps, args.lr, args.eval_every)
     if args.probe_seeds:
         budget = replace(budget, probe_seeds=args.probe_seeds)
     base_spec = args.base or meta.get("model_spec") or "embedded"
@@ -87,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     # which checkpoint each probed record needs: the base model once, every probed (seed, arm, stage)
     specs: dict[int, str] = {}
     for i, rec in enumerate(results["records"]):
-        if args.family not in (rec.get("probes") or {}):
+        if not rec.get("probes"):  # not a probed checkpoint
             continue
         if rec["stage"] == "base":
             specs[i] = base_spec
@@ -114,11 +113,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {spec}: final {summary['final_loss']:.3f} (noise {summary['final_loss_spread']:.3f}, "
                   f"{summary['seconds']:.0f} s)", flush=True)
 
+    probes = meta.setdefault("families", {}).setdefault("probes", [])
+    if args.family not in probes:  # a family the demo did not probe: added as the last one
+        probes.append(args.family)
     for i, spec in specs.items():
         rec = results["records"][i]
         rec["probes"][args.family] = probed[spec]
         if (rec.get("probe") or {}).get("family") == args.family:
             rec["probe"] = probed[spec]
+    meta["budget"]["probe_overrides"] = budget.probe_overrides  # the report names the settings each family ran
     meta["reprobe"] = {"family": args.family, "probe_steps": args.steps, "probe_lr": args.lr,
                        "probe_seeds": budget.probe_seeds, "probe_rank": budget.probe_rank,
                        "probe_batch": budget.probe_batch, "probe_format": budget.probe_format,

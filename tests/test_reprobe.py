@@ -79,3 +79,32 @@ def test_reprobe_missing_checkpoints_is_a_clear_error(demo, tmp_path, capsys):
                               "--family", family, "--steps", "2", "--lr", "1e-3", "--out", str(tmp_path / "x")])
     assert err.value.code == 2
     assert "--save-models" in capsys.readouterr().err
+
+
+def test_reprobe_adds_a_family_the_demo_did_not_probe(demo, tmp_path):
+    import shutil
+
+    root, out, models, before = demo
+    family = "word_codes"
+    # a demo run before this family existed: the same results without it
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    stripped = json.loads((out / "results.json").read_text())
+    stripped["meta"]["families"]["probes"] = [p for p in stripped["meta"]["families"]["probes"] if p != family]
+    for rec in stripped["records"]:
+        (rec.get("probes") or {}).pop(family, None)
+    (old / "results.json").write_text(json.dumps(stripped))
+    dest = tmp_path / "re"
+    assert _load_reprobe().main(["--demo", str(old), "--models", str(models), "--base", "tiny", "--family", family,
+                                 "--steps", "3", "--lr", "1e-3", "--out", str(dest)]) == 0
+    after = json.loads((dest / "results.json").read_text())
+    assert after["meta"]["families"]["probes"][-1] == family
+    assert after["meta"]["budget"]["probe_overrides"][family]["steps"] == 3
+    for a, b in zip(stripped["records"], after["records"]):
+        if not a.get("probes"):
+            assert not b.get("probes")
+            continue
+        assert b["probes"][family]["eval_steps"][-1] == 3
+        assert {k: v for k, v in b["probes"].items() if k != family} == a["probes"]
+    assert f"probe {family}" in after["analysis"]["problem"]
+    assert f"{family} 3 steps @ lr 0.001" in (dest / "summary.md").read_text()

@@ -369,3 +369,21 @@ def test_demo_workers_equal_one_process(tmp_path):
         assert a[k]["tasks"]["arithmetic"]["answer_ce"] == b[k]["tasks"]["arithmetic"]["answer_ce"], k
     # the L2 anchor pulls toward the pre-stage weights: it changes training
     assert a[(0, "l2_anchor", 1)]["tasks"]["arithmetic"]["answer_ce"] != a[(0, "baseline", 1)]["tasks"]["arithmetic"]["answer_ce"]
+
+
+def test_busy_cores_reads_the_cpu_time_spent_now_not_the_lagging_load_average(tmp_path, monkeypatch):
+    import os
+
+    from supple.testbed import pipeline
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 100 800 0 0 0 0 0 0\n")
+
+    def later(_s):  # over the window: 300 of 400 jiffies busy -> 3/4 of the machine
+        stat.write_text("cpu  300 0 200 900 0 0 0 0 0 0\n")
+
+    monkeypatch.setattr(pipeline.time, "sleep", later)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert pipeline._busy_cores(4, stat=str(stat)) == 3.0
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 0.0, 0.0))
+    assert pipeline._busy_cores(4, stat=str(tmp_path / "missing")) == 1.5  # fallback where /proc/stat is absent

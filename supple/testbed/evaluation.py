@@ -53,7 +53,8 @@ def probe_texts(family: str, n_train: int, n_eval: int, seed: int, fmt: str = "p
     ``fmt="plain"``: ``("QUESTION\\nAnswer:", " ANSWER")``. ``fmt="chat"``: the prompt as the stages see it (the
     tokenizer's chat template with the testbed's system prompt and the generation prompt) and the answer followed
     by the template's end-of-turn text. The held-out items are the family's fixed evaluation stream; the training
-    items are drawn with ``seed``."""
+    items are drawn with ``seed``. A ``memorize`` family (arbitrary answers, e.g. ``word_codes``) returns the same
+    ``n_eval`` distinct items, drawn with ``seed``, as both lists: its probe measures fitting, not transfer."""
     fam = T.get_family(family)
     if fmt not in ("plain", "chat"):
         raise ValueError(f"probe format {fmt!r}: use 'plain' or 'chat'")
@@ -68,6 +69,10 @@ def probe_texts(family: str, n_train: int, n_eval: int, seed: int, fmt: str = "p
         def pair(ex):
             return f"{ex.question}\nAnswer:", f" {ex.answer}"
 
+    if fam.memorize:  # arbitrary answers: the probe fits ``n_eval`` distinct items of its seed and is scored on them
+        pool = list({e.question: e for e in fam.train_examples(2 * n_eval, seed, split="probe")}.values())[:n_eval]
+        items = [pair(e) for e in pool]
+        return items, items
     return [pair(e) for e in fam.train_examples(n_train, seed, split="probe")], [pair(e) for e in fam.eval_examples(n_eval)]
 
 
@@ -207,19 +212,19 @@ def probe_summary(model, tok, family: str, budget: Budget, name: str) -> dict:
     from supple.measure.probe import plasticity_probe
 
     runs = []
+    steps, lr, eval_every = budget.probe_settings(family)
     for ps in range(budget.probe_seeds):
-        train, held = probe_texts(family, budget.probe_steps * budget.probe_batch, budget.probe_eval, ps,
-                                  budget.probe_format, tok)
+        train, held = probe_texts(family, steps * budget.probe_batch, budget.probe_eval, ps, budget.probe_format, tok)
         runs.append(plasticity_probe(
-            model, tok, train, held, steps=budget.probe_steps, lr=budget.probe_lr, rank=budget.probe_rank,
+            model, tok, train, held, steps=steps, lr=lr, rank=budget.probe_rank,
             alpha=2.0 * budget.probe_rank, batch_size=budget.probe_batch, seed=ps,
-            eval_every=budget.probe_eval_every, name=f"{name} {family}", progress=False,
+            eval_every=eval_every, name=f"{name} {family}", progress=False,
             warmup_steps=budget.probe_warmup, max_grad_norm=budget.probe_max_grad_norm or None,
         ))
     out: dict[str, Any] = {"family": family, "seeds": list(range(budget.probe_seeds))}
     for k in _PROBE_KEYS:
         out[k] = sum(r[k] for r in runs) / len(runs)
-    out["per_seed"] = {k: [r[k] for r in runs] for k in ("start_loss", "final_loss")}
+    out["per_seed"] = {k: [r[k] for r in runs] for k in ("start_loss", "final_loss", "area")}
     out["final_loss_spread"] = max(out["per_seed"]["final_loss"]) - min(out["per_seed"]["final_loss"])
     out["eval_steps"] = runs[0]["eval_steps"]
     out["eval_loss"] = [sum(c) / len(c) for c in zip(*(r["eval_loss"] for r in runs))]
@@ -264,7 +269,7 @@ def evaluate(model, tok, plan: EvalPlan, budget: Budget, seed: int, name: str, p
         out["probes"] = {}
         for fam in plan.probe_families:
             out["probes"][fam] = probe_summary(model, tok, fam, budget, name)
-            tick(budget.probe_steps * budget.probe_seeds)
+            tick(budget.probe_units([fam]))
         out["probe"] = out["probes"][plan.probe_families[0]]
     out["eval_s"] = time.perf_counter() - t0
     return out

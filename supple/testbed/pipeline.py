@@ -121,8 +121,29 @@ class DemoConfig:
     save_models: str | None = None  # keep every arm's merged checkpoint after every stage (safetensors) here
 
 
+def _busy_cores(cores: int, window_s: float = 0.5, stat: str = "/proc/stat") -> float:
+    """How many cores are busy now: CPU time not idle over ``window_s`` seconds (``/proc/stat``), or, where that
+    cannot be read, the 1-minute load average (which lags: it still counts a job that ended a minute ago)."""
+    def sample() -> tuple[int, int]:
+        with open(stat, encoding="ascii") as fh:
+            vals = [int(v) for v in fh.readline().split()[1:]]
+        return sum(vals), vals[3] + (vals[4] if len(vals) > 4 else 0)  # total, idle + iowait
+
+    try:
+        t0, i0 = sample()
+        time.sleep(window_s)
+        t1, i1 = sample()
+        total = os.cpu_count() or cores  # /proc/stat counts every core of the machine
+        return max(0.0, (1.0 - (i1 - i0) / max(1, t1 - t0)) * total) * cores / total
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return 0.0
+
+
 def auto_threads() -> int:
-    """CPU threads for torch: the cores not already busy (1-minute load average), at least 1.
+    """CPU threads for torch: the cores not already busy (measured over half a second), at least 1.
 
     On a shared machine, more OpenMP threads than idle cores makes every step many times slower (measured
     on 2 shared cores: a SmolLM2 LoRA step took 9-34 s with 2 threads, 1.8 s with 1).
@@ -133,15 +154,11 @@ def auto_threads() -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(torch.get_num_threads(), cores, int(cores - busy + 0.5)))
+    return max(1, min(torch.get_num_threads(), cores, int(cores - _busy_cores(cores) + 0.5)))
 
 
 def _eval_units(budget: Budget, plan: EvalPlan) -> int:
-    return 1 + len(plan.families) + budget.probe_steps * budget.probe_seeds * len(plan.probe_families)
+    return 1 + len(plan.families) + budget.probe_units(plan.probe_families)
 
 
 @contextlib.contextmanager
@@ -246,8 +263,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     if cfg.announce:
         cfg.announce(f"plan: {len(arms)} arm(s) [{', '.join(arms)}] x {len(cfg.seeds)} training seed(s) "
                      f"{list(cfg.seeds)} x stages {' -> '.join(f'{s.name} ({s.steps} steps)' for s in stages)}, "
-                     f"{'LoRA' if cfg.lora else 'full fine-tuning'}; probe {budget.probe_steps} steps on "
-                     f"{', '.join(plan.probe_families)} x {budget.probe_seeds} probe seeds; {budget.n_eval} held-out "
+                     f"{'LoRA' if cfg.lora else 'full fine-tuning'}; probes "
+                     f"{budget.describe_probes(plan.probe_families)} x {budget.probe_seeds} probe seeds; {budget.n_eval} held-out "
                      f"items per family; device {device}, {workers} worker process(es) x {run_threads} torch "
                      f"thread(s)")
     bar = tqdm(total=total, desc="supple demo", unit="step", disable=not cfg.progress, dynamic_ncols=True)
@@ -313,6 +330,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     return results
 
 
+_LEGACY_PROBES = ("reverse_words", "number_words")  # the probe families before word_codes
+
+
 class _Journal:
     """Finished jobs, one JSON line each, in ``out/jobs.jsonl``: an interrupted demo loses nothing finished, and
     ``--resume`` reruns only what is missing. A line counts only for the same model, budget, stages, regime and
@@ -322,7 +342,8 @@ class _Journal:
         self.path = os.path.join(cfg.out, "jobs.jsonl") if cfg.out else None
         self.signature = json.dumps({"model": cfg.model, "budget": asdict(cfg.budget),
                                      "stages": [asdict(s) for s in stages], "lora": cfg.lora,
-                                     "supple": cfg.supple_overrides, "defaults": SUPPLE_ARM_DEFAULTS},
+                                     "supple": cfg.supple_overrides, "defaults": SUPPLE_ARM_DEFAULTS,
+                                     "probes": list(T.PROBE_FAMILIES)},
                                     sort_keys=True, default=str)
         if self.path and not cfg.resume and os.path.exists(self.path):
             os.remove(self.path)
@@ -349,6 +370,7 @@ class _Journal:
         old, new = json.loads(stored), json.loads(self.signature)
         defaults = json.loads(json.dumps(asdict(Budget()), default=str))
         ob, nb = old.pop("budget", {}), new.pop("budget", {})
+        old.setdefault("probes", list(_LEGACY_PROBES))  # journals written before the probes were signed
         if old != new or any(ob[k] != v for k, v in nb.items() if k in ob):
             return False
         return all(nb[k] == defaults.get(k) for k in nb if k not in ob) and set(ob) <= set(nb)

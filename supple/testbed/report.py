@@ -7,6 +7,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict
 
+from .settings import Budget
+
 # (column header, metric key in the summary, decimals); per-family accuracy columns are inserted at "acc"
 _COLUMNS: list[tuple[str, str, int]] = [
     ("probe", "probe_final_loss", 3),
@@ -16,8 +18,8 @@ _COLUMNS: list[tuple[str, str, int]] = [
     ("train s", "train/wall_s", 0),
 ]
 COLUMN_HELP = {
-    "probe": "plasticity probe after the stage: held-out loss of a fresh LoRA after its steps on the primary probe "
-    "family (lower = adapts better)",
+    "probe": "plasticity probe after the stage: loss of a fresh LoRA after its steps on the primary probe family "
+    "(word_codes: memorizing arbitrary codes, scored on the items it trained on; lower = adapts better)",
     "acc": "held-out accuracy (greedy generation, checked answer) per task family; OOD: the out-of-domain family",
     "CE": "held-out answer-token cross-entropy (teacher-forced) on the first stage's family: its rise after later "
     "stages is forgetting",
@@ -26,6 +28,11 @@ COLUMN_HELP = {
     "token (attention sink)",
     "train s": "wall time of the stage's training",
 }
+
+
+def _budget(fields: dict) -> Budget:
+    """The Budget a run's ``meta.budget`` describes (fields a newer version added keep their defaults)."""
+    return Budget(**{k: v for k, v in fields.items() if k in Budget.__dataclass_fields__})
 
 
 def _cols(summary: Sequence[dict], families: dict) -> list[tuple[str, str, int]]:
@@ -116,8 +123,8 @@ def write_markdown(results: dict, path: str, plots: Sequence[str] = ()) -> str:
         "- stages: " + " → ".join(
             "{name} ({kind} on {family}, {steps} steps, lr {lr:g})".format(**s) for s in meta["stages"]
         ),
-        f"- budget: {b['name']}; batch {b['batch_size']}; seeds {meta['seeds']}; probe {b['probe_steps']} steps, lr "
-        f"{b['probe_lr']:g}, rank {b['probe_rank']} on {', '.join(meta['families'].get('probes', [meta['families']['probe']]))}"
+        f"- budget: {b['name']}; batch {b['batch_size']}; seeds {meta['seeds']}; probes (rank {b['probe_rank']}) "
+        f"{_budget(b).describe_probes(meta['families'].get('probes', [meta['families']['probe']]))}"
         f" x {b.get('probe_seeds', 1)} probe seeds; {b['n_eval']} held-out items per family",
         f"- date: {meta['date']}; machine: {meta.get('machine', '?')}; device: {meta['device']} "
         f"({meta.get('workers', 1)} worker(s) x {meta['torch_threads']} threads); total {meta['total_s'] / 60:.1f} min",

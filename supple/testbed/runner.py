@@ -169,7 +169,7 @@ def run_job(setup: JobSetup, job: Job, tick: Callable[[int], None], base_model=N
         parts = ("geometry", "tasks", "probe") if (last or budget.probe_every_stage) else ("geometry", "tasks")
         ev = evaluate(model, tok, plan, budget, seed, f"{arm_name}/{stage.name}", parts=parts, tick=tick)
         if "probe" not in parts:
-            tick(budget.probe_steps * budget.probe_seeds * len(plan.probe_families))
+            tick(budget.probe_units(plan.probe_families))
         out["measure_rows"] += [dict(r, seed=seed, arm=arm_name, stage=stage.name) for r in ev["geometry"]["records"]]
         train_info = {"wall_s": train_s, "steps": stage.steps, "lr": stage.lr, **outcome.metrics,
                       "log_history": outcome.log_history, "notes": stage_notes}

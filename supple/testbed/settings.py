@@ -109,6 +109,10 @@ class Budget:
     probe_warmup: int = 0  # linear learning-rate warm-up steps of the probe (0 = none)
     probe_max_grad_norm: float = 0.0  # gradient-norm clipping of the probe (0 = none)
     probe_every_stage: bool = False  # True: probe after every stage (default: the base model and the last stage)
+    # per-family probe settings that replace probe_steps / probe_lr / probe_eval_every for that family: a
+    # memorization family (tasks.WordCodes) needs more, faster steps than the transfer families to be mid-curve
+    probe_overrides: dict[str, dict[str, float]] = field(default_factory=lambda: {
+        "word_codes": {"steps": 100, "lr": 1e-3, "eval_every": 20}})
     geometry_texts: int = 8
     geometry_tokens: int = 384
 
@@ -118,6 +122,26 @@ class Budget:
         if kind in self.steps:
             return int(self.steps[kind])
         raise KeyError(f"budget {self.name!r} has no step count for stage {stage_name!r} (kind {kind!r})")
+
+    def probe_settings(self, family: str) -> tuple[int, float, int]:
+        """``(steps, lr, eval_every)`` of the probe on ``family``: ``probe_overrides[family]`` over the shared ones."""
+        o = self.probe_overrides.get(family, {})
+        return (int(o.get("steps", self.probe_steps)), float(o.get("lr", self.probe_lr)),
+                int(o.get("eval_every", self.probe_eval_every)))
+
+    def with_probe(self, family: str, steps: int, lr: float, eval_every: int | None = None) -> Budget:
+        """A copy whose probe on ``family`` runs ``steps`` steps at ``lr`` (held-out loss every ``eval_every``
+        steps, default steps / 5); the other families keep their settings."""
+        o = {"steps": int(steps), "lr": float(lr), "eval_every": int(eval_every or max(1, steps // 5))}
+        return replace(self, probe_overrides={**self.probe_overrides, family: o})
+
+    def describe_probes(self, families) -> str:
+        """``"reverse_words 25 steps @ 2e-4, word_codes 60 @ 1e-3"``: the probe settings per family, for reports."""
+        return ", ".join(f"{f} {s} steps @ lr {lr:g}" for f in families for s, lr, _ in [self.probe_settings(f)])
+
+    def probe_units(self, families) -> int:
+        """Probe steps over ``families`` and probe seeds (the progress bar's unit)."""
+        return sum(self.probe_settings(f)[0] for f in families) * self.probe_seeds
 
     def lr_for(self, kind: str, lora: bool) -> float:
         table = self.lr_lora if lora else self.lr_full
@@ -137,6 +161,7 @@ PRESETS: dict[str, Budget] = {
         probe_eval=8,
         probe_batch=4,
         probe_seeds=1,
+        probe_overrides={"word_codes": {"steps": 12, "lr": 1e-3, "eval_every": 4}},
         geometry_texts=4,
         geometry_tokens=160,
     ),
@@ -155,6 +180,7 @@ PRESETS: dict[str, Budget] = {
         probe_eval_every=1,
         probe_batch=2,
         probe_eval=4,
+        probe_overrides={"word_codes": {"steps": 2, "lr": 1e-3, "eval_every": 1}},
         probe_every_stage=True,
         geometry_texts=2,
         geometry_tokens=64,

@@ -8,8 +8,9 @@ Roles in the default testbed (``ROLES``):
 
 - ``domain_a``  ``arithmetic``   addition / subtraction of numbers 2-50: SFT, then DPO (stages 1-2)
 - ``domain_b``  ``sorting``      sort 3-4 numbers: the second narrow SFT (stage 3)
-- ``probe``     ``reverse_words`` reverse a list of words, and ``number_words`` (write a number in words): the
-  plasticity probe's held-out tasks (``PROBE_FAMILIES``), two of different kinds
+- ``probe``     ``word_codes`` (recall arbitrary two-word codes: memorization, scored on the items trained on),
+  ``reverse_words`` (reverse a list of words) and ``number_words`` (write a number in words; both scored on
+  held-out items): the plasticity probe's tasks (``PROBE_FAMILIES``), of three kinds
 - ``ood``       ``knowledge``    capitals, opposites, plurals, next weekday/month: out-of-domain accuracy
 
 Held-out evaluation sets are the first ``n`` items of a fixed stream (``split="eval"``, seed 0), so a smaller
@@ -51,6 +52,7 @@ class TaskFamily:
     description: str = ""
     max_new_tokens: int = 8  # generation budget when checking free-form outputs
     finite: bool = False  # True when the family has a small fixed pool of questions
+    memorize: bool = False  # True when answers are arbitrary: a probe trains and scores on the same items
 
     def sample(self, rng: random.Random) -> Example:
         raise NotImplementedError
@@ -336,9 +338,43 @@ class ReverseWords(TaskFamily):
         return Example(self.name, question, " ".join(words[::-1]))
 
 
-FAMILIES: dict[str, TaskFamily] = {f.name: f for f in (Arithmetic(), Sorting(), NumberWords(), Knowledge(), ReverseWords())}
+class WordCodes(TaskFamily):
+    """Recall an arbitrary two-word code for a 4-digit key: nothing to generalize and nothing a stage teaches.
+
+    The code of a key is a fixed pseudo-random function of the key, so a probe on this family measures how fast a
+    model *fits* new arbitrary targets (its trainability, the plasticity of the continual-learning literature),
+    not how well a skill transfers. ``memorize`` makes the probe train and score on the same items."""
+
+    name = "word_codes"
+    description = "recall the arbitrary two-word code of a 4-digit key (memorization)"
+    max_new_tokens = 8
+    memorize = True
+
+    @staticmethod
+    def code(key: int) -> str:
+        return " ".join(random.Random(f"supple:word_codes:{key}").sample(_PROBE_WORDS, 2))
+
+    def sample(self, rng: random.Random) -> Example:
+        key = rng.randint(1000, 9999)
+        return Example(self.name, f"What is the code for key {key}?", self.code(key))
+
+    def wrong_answer(self, ex: Example, rng: random.Random) -> str:
+        return self.code(_ints(ex.question)[0] + 1)
+
+    def check_answer(self, ex: Example, output: str) -> bool:
+        gold = ex.answer.split()
+        said = [w for w in re.findall(r"[a-z]+", output.lower()) if w in _PROBE_WORD_SET]
+        return said[: len(gold)] == gold
+
+    def solve(self, question: str) -> Example:
+        return Example(self.name, question, self.code(_ints(question)[0]))
+
+
+FAMILIES: dict[str, TaskFamily] = {f.name: f for f in (Arithmetic(), Sorting(), NumberWords(), Knowledge(), ReverseWords(), WordCodes())}
 ROLES: dict[str, str] = {"domain_a": "arithmetic", "domain_b": "sorting", "probe": "reverse_words", "ood": "knowledge"}
-PROBE_FAMILIES: tuple[str, ...] = ("reverse_words", "number_words")
+# the plasticity probe's families, the primary first: word_codes measures fitting (memorization of arbitrary
+# answers), the other two the transfer of a skill to a held-out set (docs/demo.md, "The probes")
+PROBE_FAMILIES: tuple[str, ...] = ("word_codes", "reverse_words", "number_words")
 
 
 def get_family(name: str) -> TaskFamily:

@@ -11,8 +11,9 @@ VERDICT_LEGEND = [
     "rec = recovered: the share of the baseline's degradation (vs the base model) the arm wins back at the last stage: "
     "1 = as good as the base model, 0 = no better than the baseline, < 0 = worse; [95 % paired bootstrap CI over "
     "training seeds]; 'no loss' = the baseline did not degrade there (paired CI), so there is nothing to recover",
-    "probe X = plasticity probe loss on family X after the last stage (fresh LoRA, held-out loss; lower = adapts "
-    "better)",
+    "probe X = plasticity probe loss on family X after the last stage (a fresh LoRA's loss after its steps; lower = "
+    "adapts better): wor = word_codes, memorizing arbitrary codes, scored on the items it trained on (fitting); "
+    "rev, num = reverse_words, number_words, scored on held-out items (transfer)",
     "OOD = out-of-domain held-out accuracy; forget CE = answer cross-entropy on the first stage's task after the "
     "last stage (higher = forgot more); ECE = calibration error of in-domain answer tokens",
     "quality = worst ratio arm / baseline over the stages' own metrics (task accuracy; DPO reward accuracy); "

@@ -1,0 +1,73 @@
+"""The memorization probe family (``word_codes``): arbitrary but fixed answers, scored on the items it trains on."""
+
+from __future__ import annotations
+
+import re
+
+from supple.testbed import tasks as T
+from supple.testbed.evaluation import probe_texts
+
+
+def test_word_codes_are_a_fixed_arbitrary_function_of_the_key():
+    fam = T.get_family("word_codes")
+    assert fam.memorize and not T.get_family("reverse_words").memorize
+    a = fam.solve("What is the code for key 4821?")
+    assert a.answer == fam.solve("What is the code for key 4821?").answer  # fixed
+    words = a.answer.split()
+    assert len(words) == 2 and len(set(words)) == 2 and set(words) <= set(T._PROBE_WORDS)
+    codes = {fam.solve(f"What is the code for key {k}?").answer for k in range(1000, 1100)}
+    assert len(codes) > 90  # arbitrary: hardly any two keys share a code
+    assert fam.check_answer(a, f"The code is {a.answer}.")
+    assert not fam.check_answer(a, " ".join(words[::-1]))
+    assert fam.wrong_answer(a, None) != a.answer
+
+
+def test_memorize_probe_trains_and_scores_on_the_same_distinct_items():
+    fam = T.get_family("word_codes")
+    train, held = probe_texts("word_codes", 100, 32, seed=0)
+    assert train == held and len(held) == 32
+    assert len({p for p, _ in held}) == 32  # distinct keys
+    for prompt, completion in held:
+        key = int(re.search(r"key (\d{4})\?", prompt).group(1))
+        assert prompt.endswith("\nAnswer:") and completion == " " + fam.code(key)
+    other, _ = probe_texts("word_codes", 100, 32, seed=1)
+    assert {p for p, _ in other} != {p for p, _ in held}  # the probe seed draws the pool
+    assert probe_texts("word_codes", 100, 32, seed=0) == (train, held)  # deterministic
+
+
+def test_transfer_probe_keeps_a_held_out_set_disjoint_from_training():
+    train, held = probe_texts("reverse_words", 100, 32, seed=0)
+    assert len(train) == 100 and len(held) == 32
+    assert not {p for p, _ in train} & {p for p, _ in held}
+    assert probe_texts("reverse_words", 100, 32, seed=1)[1] == held  # the held-out set is the same for every seed
+
+
+def test_probe_overrides_set_steps_and_lr_per_family():
+    from supple.testbed.settings import PRESETS
+
+    b = PRESETS["default"]
+    assert b.probe_settings("reverse_words") == (b.probe_steps, b.probe_lr, b.probe_eval_every)
+    steps, lr, every = b.probe_settings("word_codes")
+    assert (steps, lr) != (b.probe_steps, b.probe_lr)  # the memorization probe runs its own, faster settings
+    c = b.with_probe("reverse_words", 50, 1e-3)
+    assert c.probe_settings("reverse_words") == (50, 1e-3, 10)
+    assert c.probe_settings("word_codes") == (steps, lr, every) and b.probe_settings("reverse_words")[0] == 25
+    assert c.probe_units(["reverse_words", "word_codes"]) == (50 + steps) * b.probe_seeds
+    assert "reverse_words 50 steps @ lr 0.001" in c.describe_probes(["reverse_words"])
+
+
+def test_probe_summary_runs_each_family_with_its_own_settings():
+    from dataclasses import replace
+
+    from supple.testbed.evaluation import probe_summary
+    from supple.testbed.settings import PRESETS
+    from supple.testbed.tiny import make_tiny_model
+
+    model, tok = make_tiny_model()
+    b = replace(PRESETS["smoke"], probe_eval=4, probe_seeds=2).with_probe("word_codes", 3, 1e-2, 1)
+    codes = probe_summary(model, tok, "word_codes", b, "tiny")
+    assert codes["eval_steps"] == [0, 1, 2, 3] and len(codes["train_loss"]) == 3
+    assert codes["final_loss"] < codes["start_loss"]  # fitting the items it is scored on
+    rev = probe_summary(model, tok, "reverse_words", b, "tiny")
+    assert rev["eval_steps"] == list(range(b.probe_steps + 1))
+
