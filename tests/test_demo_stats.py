@@ -8,6 +8,7 @@ import pytest
 
 from supple.testbed.analysis import analyze
 from supple.testbed.stats import bootstrap_ci, paired_difference, recovered_share
+from supple.testbed.verdict import _problem_lines
 
 
 def _all_resample_means(values):
@@ -89,7 +90,8 @@ def test_analyze_constructed_arms():
     an = analyze(_results(recs))
     prob = an["problem"]["probe reverse_words"]
     assert prob["base"] == pytest.approx(0.2) and prob["estimate"] == pytest.approx(0.21) and prob["lo"] > 0
-    assert prob["noise"] == pytest.approx(0.02)
+    assert prob["noise"] == pytest.approx(0.02) and prob["noise_last"] == pytest.approx(0.02)
+    assert prob["quiet"]  # 0.02 <= 0.21 / 3
     good, bad = an["arms"]["good"], an["arms"]["bad"]
     # (0.41 − 0.26) / (0.41 − 0.2) on reverse_words; OOD (0.6 − 0.3) / (0.7 − 0.3)
     assert good["recovered probe reverse_words"]["estimate"] == pytest.approx(0.15 / 0.21)
@@ -99,6 +101,12 @@ def test_analyze_constructed_arms():
     assert an["goal"]["good"]["all"] and not an["goal"]["bad"]["all"]
     assert not an["goal"]["bad"]["forgetting"]  # its first-task CE is higher on every seed
     assert good["stage quality"]["dpo reward acc"]["relative"]["estimate"] == pytest.approx(1.0)
+    # a probe whose own noise on one baseline checkpoint exceeds a third of the change is not quiet
+    recs[[i for i, r in enumerate(recs) if (r["arm"], r["seed"], r["stage_index"]) == ("baseline", 1, 3)][0]][
+        "probes"]["reverse_words"]["final_loss_spread"] = 0.08
+    prob = analyze(_results(recs))["problem"]["probe reverse_words"]
+    assert prob["noise_last"] == pytest.approx(0.08) and not prob["quiet"]  # 0.08 > 0.21 / 3
+    assert "noisy" in "\n".join(_problem_lines(analyze(_results(recs))))
 
 
 def test_recovered_plot_shows_no_share_where_the_baseline_did_not_degrade(tmp_path, monkeypatch):

@@ -71,3 +71,24 @@ def test_probe_summary_runs_each_family_with_its_own_settings():
     rev = probe_summary(model, tok, "reverse_words", b, "tiny")
     assert rev["eval_steps"] == list(range(b.probe_steps + 1))
 
+
+
+def test_builtin_codes_probe_task_is_scored_on_its_training_items():
+    from supple.measure.probe import CODE_WORDS, PROBE_TASKS, load_probe_task, register_probe_task
+
+    train, held = load_probe_task("builtin:codes", n_train=999, n_eval=16, data_seed=3)
+    assert train == held and len(held) == 16 and len({p for p, _ in held}) == 16
+    assert load_probe_task("builtin:codes", n_eval=16, data_seed=3) == (train, held)
+    assert load_probe_task("builtin:codes", n_eval=16, data_seed=4)[1] != held
+    fam = T.get_family("word_codes")
+    for prompt, completion in held:  # the product's task and the demo's family give every key the same code
+        key = int(re.search(r"key (\d{4})\?", prompt).group(1))
+        assert completion == " " + fam.solve(f"What is the code for key {key}?").answer
+        assert set(completion.split()) <= set(CODE_WORDS)
+    # a task registered without memorize keeps a held-out split; re-registering drops the flag
+    register_probe_task("codes_heldout", PROBE_TASKS["codes"])
+    try:
+        tr, he = load_probe_task("builtin:codes_heldout", n_train=40, n_eval=8)
+        assert not {p for p, _ in tr} & {p for p, _ in he}
+    finally:
+        PROBE_TASKS.pop("codes_heldout")

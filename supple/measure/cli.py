@@ -99,8 +99,10 @@ def add_parsers(subparsers) -> None:
     p.add_argument(
         "--task",
         default="builtin:reverse",
-        help="builtin:reverse (default; reverse short letter strings, loss on the answers), a .jsonl with "
-        "prompt/completion (or text) fields, or a text file of training texts (of a file, the last 10%% are held out)",
+        help="builtin:reverse (default; reverse short letter strings, loss on the answers), builtin:codes "
+        "(memorize --n-eval arbitrary two-word codes, scored on those same items: how fast the model still fits new "
+        "targets; try --steps 100 --lr 1e-3), a .jsonl with prompt/completion (or text) fields, or a text file of "
+        "training texts (of a file, the last 10%% are held out)",
     )
     p.add_argument(
         "--out", default=None, help="output directory for probe.json, probe.csv, probe.png, probe.md"

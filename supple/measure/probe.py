@@ -11,7 +11,8 @@ and ``data_seed`` (the task's texts).
 Task items are plain texts (the loss covers every token) or ``(prompt, completion)`` pairs (the loss
 covers the completion's tokens only; the two are tokenized separately and concatenated, as TRL does
 for prompt-completion data). Tasks: ``builtin:NAME`` for a registered generator
-(``builtin:reverse``: reverse a short string of letters, as pairs), a ``.jsonl`` file with
+(``builtin:reverse``: reverse a short string of letters, as pairs; ``builtin:codes``: recall arbitrary two-word
+codes, a memorization task scored on the items it trains on), a ``.jsonl`` file with
 ``prompt``/``completion`` (or ``text``) fields, or a text file of training texts (see
 :func:`supple.measure.corpus.load_texts`); of a file the last 10 % are held out. Register more with
 :func:`register_probe_task`.
@@ -30,17 +31,41 @@ import torch
 from ..data import pad_token_batch, read_jsonl
 from ..modeling import unwrap_model
 
-__all__ = ["PROBE_TASKS", "load_probe_task", "plasticity_probe", "register_probe_task", "reverse_task"]
+__all__ = ["CODE_WORDS", "PROBE_TASKS", "codes_task", "load_probe_task", "plasticity_probe", "register_probe_task",
+           "reverse_task", "word_code"]
 
 ProbeItem = Union[str, tuple[str, str]]  # a text, or (prompt, completion)
 ProbeTask = Callable[[int, int], list[ProbeItem]]  # (number of items, seed) -> items
 PROBE_TASKS: dict[str, ProbeTask] = {}
+MEMORIZE_TASKS: set[str] = set()  # tasks scored on the items they train on (arbitrary answers)
+
+CODE_WORDS: tuple[str, ...] = tuple(
+    "apple river stone cloud horse table garden window candle forest bread mirror pencil rabbit silver ocean "
+    "ladder pillow basket tiger violin castle carpet meadow rocket button jacket lemon bottle planet kitten "
+    "hammer island copper wallet feather saddle dragon tunnel orange pepper marble blanket monkey helmet "
+    "engine camera wagon spider parrot butter cotton shovel bucket anchor velvet turkey lizard cherry "
+    "thunder puzzle coffee banana".split()
+)  # 63 common words, one or two tokens each in most tokenizers
 
 
-def register_probe_task(name: str, fn: ProbeTask) -> None:
+def register_probe_task(name: str, fn: ProbeTask, memorize: bool = False) -> None:
     """Make ``builtin:name`` a probe task; ``fn(n, seed)`` returns n deterministic items (texts or
-    ``(prompt, completion)`` pairs)."""
+    ``(prompt, completion)`` pairs). ``memorize=True``: the answers are arbitrary, so there is nothing to
+    generalize to; the probe trains on the task's items and is scored on the same items (how fast a model fits)."""
     PROBE_TASKS[name] = fn
+    (MEMORIZE_TASKS.add if memorize else MEMORIZE_TASKS.discard)(name)
+
+
+def word_code(key: int) -> str:
+    """The two-word code of ``key``: a fixed pseudo-random pair of distinct :data:`CODE_WORDS`."""
+    return " ".join(random.Random(f"supple:word_codes:{key}").sample(CODE_WORDS, 2))
+
+
+def codes_task(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """``n`` distinct pairs ("What is the code for key 4821?\nAnswer:", " velvet rocket"): arbitrary answers that
+    no prior knowledge predicts, so a probe on them measures fitting (plasticity), not transfer."""
+    keys = random.Random(seed).sample(range(1000, 10000), min(n, 9000))
+    return [(f"What is the code for key {k}?\nAnswer:", f" {word_code(k)}") for k in keys]
 
 
 def reverse_task(n: int, seed: int = 0, min_len: int = 3, max_len: int = 8) -> list[tuple[str, str]]:
@@ -54,18 +79,23 @@ def reverse_task(n: int, seed: int = 0, min_len: int = 3, max_len: int = 8) -> l
 
 
 register_probe_task("reverse", reverse_task)
+register_probe_task("codes", codes_task, memorize=True)
 
 
 def load_probe_task(
     spec: str, n_train: int = 256, n_eval: int = 64, data_seed: int = 0
 ) -> tuple[list[ProbeItem], list[ProbeItem]]:
-    """``(train_items, eval_items)`` of a probe task; no eval item occurs among the training items."""
+    """``(train_items, eval_items)`` of a probe task; no eval item occurs among the training items, except for a
+    memorization task (``builtin:codes``): it returns the same ``n_eval`` items twice (``n_train`` is not used)."""
     if spec.startswith("builtin:"):
         name = spec.removeprefix("builtin:")
         if name not in PROBE_TASKS:
             raise ValueError(
                 f"unknown probe task {spec!r}: available {', '.join('builtin:' + k for k in PROBE_TASKS)}"
             )
+        if name in MEMORIZE_TASKS:
+            items = list(dict.fromkeys(PROBE_TASKS[name](n_eval, data_seed)))
+            return items, items
         texts = list(
             dict.fromkeys(PROBE_TASKS[name](2 * (n_train + n_eval), data_seed))
         )  # distinct, in order

@@ -72,7 +72,14 @@ def analyze(results: dict) -> dict:
         b = _get(base, probe_fn(fam))
         vals = col("baseline", last, probe_fn(fam))
         d = paired_difference(vals, [b] * len(vals))
-        problem[f"probe {fam}"] = {"base": b, **d, "noise": _get(base, probe_fn(fam, "final_loss_spread")),
+        noise_base = _get(base, probe_fn(fam, "final_loss_spread"))
+        noise_last = [v for v in col("baseline", last, probe_fn(fam, "final_loss_spread")) if math.isfinite(v)]
+        known = [v for v in (noise_base, *noise_last) if math.isfinite(v)]
+        worst = max(known) if known else float("nan")
+        problem[f"probe {fam}"] = {"base": b, **d, "noise": noise_base,
+                                   "noise_last": max(noise_last) if noise_last else float("nan"),
+                                   # quiet: the probe's own noise at most a third of the change it measures
+                                   "quiet": bool(math.isfinite(worst) and worst <= abs(d["estimate"]) / 3),
                                    "degraded": d["lo"] > 0}  # the probe loss rose, CI above 0
     b_ood = _get(base, ood_fn)
     vals = col("baseline", last, ood_fn)

@@ -25,6 +25,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..measure.probe import CODE_WORDS, word_code
+
 SYSTEM_PROMPT = "Answer with the answer only."
 EVAL_POOL = 256
 
@@ -303,13 +305,7 @@ class Knowledge(TaskFamily):
 
 
 
-_PROBE_WORDS = (
-    "apple river stone cloud horse table garden window candle forest bread mirror pencil rabbit silver ocean "
-    "ladder pillow basket tiger violin castle carpet meadow rocket button jacket lemon bottle planet kitten "
-    "hammer island copper wallet feather saddle dragon tunnel orange pepper marble blanket monkey helmet "
-    "engine camera wagon spider parrot butter cotton shovel bucket anchor velvet turkey lizard cherry "
-    "thunder puzzle coffee banana "
-).split()
+_PROBE_WORDS = CODE_WORDS
 _PROBE_WORD_SET = frozenset(_PROBE_WORDS)
 
 
@@ -352,7 +348,7 @@ class WordCodes(TaskFamily):
 
     @staticmethod
     def code(key: int) -> str:
-        return " ".join(random.Random(f"supple:word_codes:{key}").sample(_PROBE_WORDS, 2))
+        return word_code(key)
 
     def sample(self, rng: random.Random) -> Example:
         key = rng.randint(1000, 9999)

@@ -61,7 +61,13 @@ def _rows(an: dict) -> tuple[list[str], list[list[str]]]:
 def _problem_lines(an: dict) -> list[str]:
     lines = []
     for name, p in an.get("problem", {}).items():
-        noise = f"; probe noise (spread over probe seeds, base model) {p['noise']:.3f}" if "noise" in p else ""
+        noise = ""
+        if "noise" in p:
+            noise = f"; probe noise (max - min over probe seeds): base model {p['noise']:.3f}"
+            if math.isfinite(p.get("noise_last", float("nan"))):
+                noise += f", baseline after {an['last_stage']} up to {p['noise_last']:.3f}"
+            if "quiet" in p:
+                noise += " (quiet: at most a third of the change)" if p["quiet"] else " (noisy: over a third of the change)"
         verdict = "degraded" if p.get("degraded") else "not degraded"
         lines.append(f"{name}: base {p['base']:.3f} -> baseline after {an['last_stage']} "
                      f"{p['base'] + p['estimate']:.3f}, change {_ci(p, 3)} ({verdict}){noise}")
