@@ -52,7 +52,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--seed-offset", type=int, default=0, help="first training seed (default 0)")
     ft = p.add_mutually_exclusive_group()
     ft.add_argument("--full-ft", dest="lora", action="store_false", default=False,
-                    help="full fine-tuning stages (default: the regime where the baseline measurably loses plasticity)")
+                    help="full fine-tuning stages (default: the baseline loses plasticity by the memorization "
+                    "probe, word_codes; docs/demo.md)")
     ft.add_argument("--lora", dest="lora", action="store_true",
                     help="LoRA stages, each merged before the next (LoRA r16 at CPU budgets shows no loss of plasticity)")
     arms = p.add_mutually_exclusive_group()
