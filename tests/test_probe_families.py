@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from supple.testbed import tasks as T
 from supple.testbed.evaluation import probe_texts
 
@@ -43,6 +45,8 @@ def test_transfer_probe_keeps_a_held_out_set_disjoint_from_training():
 
 
 def test_probe_overrides_set_steps_and_lr_per_family():
+    from dataclasses import replace
+
     from supple.testbed.settings import PRESETS
 
     b = PRESETS["default"]
@@ -54,6 +58,8 @@ def test_probe_overrides_set_steps_and_lr_per_family():
     assert c.probe_settings("word_codes") == (steps, lr, every) and b.probe_settings("reverse_words")[0] == 25
     assert c.probe_units(["reverse_words", "word_codes"]) == (50 + steps) * b.probe_seeds
     assert "reverse_words 50 steps @ lr 0.001" in c.describe_probes(["reverse_words"])
+    with pytest.raises(ValueError, match="unknown setting.*'step'.*use steps"):
+        replace(b, probe_overrides={"word_codes": {"step": 50}}).probe_settings("word_codes")
 
 
 def test_probe_summary_runs_each_family_with_its_own_settings():

@@ -126,6 +126,9 @@ class Budget:
     def probe_settings(self, family: str) -> tuple[int, float, int]:
         """``(steps, lr, eval_every)`` of the probe on ``family``: ``probe_overrides[family]`` over the shared ones."""
         o = self.probe_overrides.get(family, {})
+        unknown = sorted(set(o) - {"steps", "lr", "eval_every"})
+        if unknown:
+            raise ValueError(f"probe_overrides[{family!r}]: unknown setting(s) {unknown}; use steps, lr, eval_every")
         return (int(o.get("steps", self.probe_steps)), float(o.get("lr", self.probe_lr)),
                 int(o.get("eval_every", self.probe_eval_every)))
 
@@ -136,7 +139,7 @@ class Budget:
         return replace(self, probe_overrides={**self.probe_overrides, family: o})
 
     def describe_probes(self, families) -> str:
-        """``"reverse_words 25 steps @ 2e-4, word_codes 60 @ 1e-3"``: the probe settings per family, for reports."""
+        """``"word_codes 100 steps @ lr 0.001, reverse_words 25 steps @ lr 0.0002"``: per-family settings, for reports."""
         return ", ".join(f"{f} {s} steps @ lr {lr:g}" for f in families for s, lr, _ in [self.probe_settings(f)])
 
     def probe_units(self, families) -> int:
