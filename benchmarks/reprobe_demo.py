@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--arms: {unknown} not in the demo's arms {meta['arms']}")
         meta["arms"] = [a for a in meta["arms"] if a in keep]
         results["records"] = [r for r in results["records"] if r["arm"] in keep]
-    budget_fields = {k: v for k, v in meta["budget"].items() if k in Budget.__dataclass_fields__}
-    budget = replace(Budget(**budget_fields), probe_warmup=args.warmup, probe_max_grad_norm=args.clip)
+    budget = replace(Budget.from_fields(meta["budget"]), probe_warmup=args.warmup, probe_max_grad_norm=args.clip)
     budget = budget.with_probe(args.family, args.steps, args.lr, args.eval_every)
     if args.probe_seeds:
         budget = replace(budget, probe_seeds=args.probe_seeds)

@@ -31,7 +31,7 @@ import torch
 from ..data import pad_token_batch, read_jsonl
 from ..modeling import unwrap_model
 
-__all__ = ["CODE_WORDS", "PROBE_TASKS", "codes_task", "load_probe_task", "plasticity_probe", "register_probe_task",
+__all__ = ["CODE_WORDS", "PROBE_TASKS", "code_question", "codes_task", "load_probe_task", "plasticity_probe", "register_probe_task",
            "reverse_task", "word_code"]
 
 ProbeItem = Union[str, tuple[str, str]]  # a text, or (prompt, completion)
@@ -61,11 +61,16 @@ def word_code(key: int) -> str:
     return " ".join(random.Random(f"supple:word_codes:{key}").sample(CODE_WORDS, 2))
 
 
+def code_question(key: int) -> str:
+    """The question whose answer is :func:`word_code` of ``key``."""
+    return f"What is the code for key {key}?"
+
+
 def codes_task(n: int, seed: int = 0) -> list[tuple[str, str]]:
     """``n`` distinct pairs ("What is the code for key 4821?\nAnswer:", " velvet rocket"): arbitrary answers that
     no prior knowledge predicts, so a probe on them measures fitting (plasticity), not transfer."""
     keys = random.Random(seed).sample(range(1000, 10000), min(n, 9000))
-    return [(f"What is the code for key {k}?\nAnswer:", f" {word_code(k)}") for k in keys]
+    return [(f"{code_question(k)}\nAnswer:", f" {word_code(k)}") for k in keys]
 
 
 def reverse_task(n: int, seed: int = 0, min_len: int = 3, max_len: int = 8) -> list[tuple[str, str]]:

@@ -133,8 +133,7 @@ def _busy_cores(cores: int, window_s: float = 0.5, stat: str = "/proc/stat") -> 
         t0, i0 = sample()
         time.sleep(window_s)
         t1, i1 = sample()
-        total = os.cpu_count() or cores  # /proc/stat counts every core of the machine
-        return max(0.0, (1.0 - (i1 - i0) / max(1, t1 - t0)) * total) * cores / total
+        return max(0.0, 1.0 - (i1 - i0) / max(1, t1 - t0)) * cores  # the machine's busy share, on our cores
     except (OSError, ValueError, IndexError):
         try:
             return os.getloadavg()[0]

@@ -30,11 +30,6 @@ COLUMN_HELP = {
 }
 
 
-def _budget(fields: dict) -> Budget:
-    """The Budget a run's ``meta.budget`` describes (fields a newer version added keep their defaults)."""
-    return Budget(**{k: v for k, v in fields.items() if k in Budget.__dataclass_fields__})
-
-
 def _cols(summary: Sequence[dict], families: dict) -> list[tuple[str, str, int]]:
     cols = []
     for head, key, dec in _COLUMNS:
@@ -124,7 +119,7 @@ def write_markdown(results: dict, path: str, plots: Sequence[str] = ()) -> str:
             "{name} ({kind} on {family}, {steps} steps, lr {lr:g})".format(**s) for s in meta["stages"]
         ),
         f"- budget: {b['name']}; batch {b['batch_size']}; seeds {meta['seeds']}; probes (rank {b['probe_rank']}) "
-        f"{_budget(b).describe_probes(meta['families'].get('probes', [meta['families']['probe']]))}"
+        f"{Budget.from_fields(b).describe_probes(meta['families'].get('probes', [meta['families']['probe']]))}"
         f" x {b.get('probe_seeds', 1)} probe seeds; {b['n_eval']} held-out items per family",
         f"- date: {meta['date']}; machine: {meta.get('machine', '?')}; device: {meta['device']} "
         f"({meta.get('workers', 1)} worker(s) x {meta['torch_threads']} threads); total {meta['total_s'] / 60:.1f} min",

@@ -123,6 +123,12 @@ class Budget:
             return int(self.steps[kind])
         raise KeyError(f"budget {self.name!r} has no step count for stage {stage_name!r} (kind {kind!r})")
 
+    @classmethod
+    def from_fields(cls, fields: dict) -> Budget:
+        """The Budget a run's ``meta.budget`` describes: fields this version does not know are dropped, fields a
+        newer version added keep their defaults."""
+        return cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
+
     def probe_settings(self, family: str) -> tuple[int, float, int]:
         """``(steps, lr, eval_every)`` of the probe on ``family``: ``probe_overrides[family]`` over the shared ones."""
         o = self.probe_overrides.get(family, {})

@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..measure.probe import CODE_WORDS, word_code
+from ..measure.probe import CODE_WORDS, code_question, word_code
 
 SYSTEM_PROMPT = "Answer with the answer only."
 EVAL_POOL = 256
@@ -352,7 +352,7 @@ class WordCodes(TaskFamily):
 
     def sample(self, rng: random.Random) -> Example:
         key = rng.randint(1000, 9999)
-        return Example(self.name, f"What is the code for key {key}?", self.code(key))
+        return Example(self.name, code_question(key), self.code(key))
 
     def wrong_answer(self, ex: Example, rng: random.Random) -> str:
         return self.code(_ints(ex.question)[0] + 1)
