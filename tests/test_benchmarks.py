@@ -1,12 +1,16 @@
 """benchmarks/overhead.py on the tiny model: the anchored-diversity configuration runs through SFTTrainer, its
 pre-stage reference is measured once per trainer (timed inside the callback) and every configuration gets a row.
-The numbers themselves are not asserted (speed goals live in benchmarks/, not in timed tests)."""
+The numbers themselves are not asserted (speed goals live in benchmarks/, not in timed tests). Also
+benchmarks/probe_noise.py's fixed-pool mode."""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,3 +28,20 @@ def test_overhead_anchored_config_reports_its_reference(tmp_path, capsys):
     # the anchored term's own time is the plain term's plus the hinge
     assert float(rows["anchored"]["own_callback_ms"]) > float(rows["diversity"]["own_callback_ms"])
     assert "pre-stage reference (once, at train begin)" in capsys.readouterr().out
+
+
+def test_probe_noise_fixed_pool_keeps_the_items_and_varies_the_trajectory(tmp_path):
+    spec = importlib.util.spec_from_file_location("_probe_noise", REPO / "benchmarks" / "probe_noise.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "rows.jsonl"
+    common = ["--model", "tiny", "--n", "4", "--steps", "2", "--seeds", "0", "1", "--out", str(out)]
+    assert mod.main([*common, "--fixed-pool", "0", "--tag", "fixed"]) == 0
+    assert mod.main([*common, "--tag", "own"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["tag"], r["seed"], r["pool_seed"]) for r in rows] == [
+        ("fixed", 0, 0), ("fixed", 1, 0), ("own", 0, 0), ("own", 1, 1)]
+    assert rows[0]["final"] == rows[2]["final"]  # same items, same seed: the same run
+    assert rows[1]["final"] != rows[0]["final"] and len(rows[0]["eval"]) == 2  # step 0 and the last step
+    with pytest.raises(SystemExit):
+        mod.main([*common, "--n", "0"])

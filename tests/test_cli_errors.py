@@ -92,6 +92,7 @@ def _cases(d: Path, out: Path) -> list[tuple[str, list[str], tuple[str, ...]]]:
         ("demo", ["demo", "--model", "tiny", "--lr", "ppo=1e-4", "--out", str(out)], ("sft, dpo or grpo",)),
         ("demo", ["demo", "--model", "tiny", "--arms", "nope", "--out", str(out)], ("'nope'",)),
         ("demo", ["demo", "--model", "tiny", "--seeds", "0", "--out", str(out)], ("--seeds",)),
+        ("demo", ["demo", "--model", "tiny", "--probe-seeds", "0", "--out", str(out)], ("--probe-seeds 0",)),
         ("coverage", ["coverage", "/nonexistent", "a", "b"], ("unrecognized arguments",)),
         ("coverage", ["coverage", "/nonexistent", t, "--model", str(d / "base")], ("/nonexistent",)),
         ("coverage", ["coverage", t, t, "--model", "/nonexistent"], ("/nonexistent",)),
@@ -246,3 +247,6 @@ def test_demo_lr_overrides_the_chosen_regime_only(monkeypatch, tmp_path):
     assert main(["demo", "--model", "tiny", "--lora", "--lr", "sft=1e-3", "--out", str(tmp_path)]) == 2
     b = seen["cfg"].budget
     assert b.lr_lora["sft"] == 1e-3 and b.lr_full == default.lr_full
+    assert main(["demo", "--model", "tiny", "--probe-seeds", "5", "--out", str(tmp_path)]) == 2
+    b = seen["cfg"].budget
+    assert b.probe_seeds == 5 and default.probe_seeds == 2 and b.probe_overrides == default.probe_overrides

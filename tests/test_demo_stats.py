@@ -7,7 +7,14 @@ import math
 import pytest
 
 from supple.testbed.analysis import analyze
-from supple.testbed.stats import bootstrap_ci, paired_difference, recovered_share
+from supple.testbed.stats import (
+    bootstrap_ci,
+    crossed_bootstrap_ci,
+    paired_difference,
+    paired_difference_crossed,
+    recovered_share,
+    recovered_share_crossed,
+)
 from supple.testbed.verdict import _problem_lines
 
 
@@ -135,3 +142,84 @@ def test_recovered_plot_shows_no_share_where_the_baseline_did_not_degrade(tmp_pa
     assert (tmp_path / "r.png").stat().st_size > 0 and path.endswith("r.png")
     assert calls == ["", ""]  # two arms, both on the OOD panel (errorbar is drawn before the title is set)
     assert len(texts) == 1 and "no loss to recover" in texts[0] and "-0.170" in texts[0]
+
+
+def _exact_crossed_means(table):
+    """Every equally likely crossed resample's grand mean: rows and columns drawn with replacement, independently."""
+    n, m = len(table), len(table[0])
+    return sorted(sum(table[i][j] for i in rows for j in cols) / (n * m)
+                  for rows in itertools.product(range(n), repeat=n) for cols in itertools.product(range(m), repeat=m))
+
+
+def test_crossed_bootstrap_matches_exact_two_way_resampling():
+    table = [[1.0, 3.0], [2.0, 6.0], [0.0, 4.0]]  # 3 training seeds x 2 probe seeds
+    ci = crossed_bootstrap_ci([table], lambda rows: sum(rows) / len(rows), n_boot=20_000, rng_seed=3)
+    exact = _exact_crossed_means(table)  # 27 row draws x 4 column draws
+    assert ci["estimate"] == pytest.approx(16 / 6) and ci["n"] == 3 and ci["n_probe"] == 2
+    q = lambda p: exact[round(p * (len(exact) - 1))]  # noqa: E731
+    assert q(0.025) - 0.15 <= ci["lo"] <= q(0.025) + 0.3 and q(0.975) - 0.3 <= ci["hi"] <= q(0.975) + 0.15
+    # resampling the columns too widens the interval: rows alone see only the row means 2, 4, 2
+    rows_only = bootstrap_ci([[sum(r) / 2 for r in table]], lambda x: sum(x) / len(x), rng_seed=3)
+    assert ci["lo"] < rows_only["lo"] and ci["hi"] > rows_only["hi"]
+    with pytest.raises(ValueError, match="one shape"):
+        crossed_bootstrap_ci([table, [[1.0, 2.0]] * 2], lambda a, b: 0.0)
+    one_col = crossed_bootstrap_ci([[[1.0], [2.0]]], lambda rows: sum(rows) / len(rows))
+    assert one_col["estimate"] == pytest.approx(1.5) and math.isnan(one_col["lo"])  # one probe seed: no interval
+
+
+def test_crossed_difference_is_paired_in_both_seeds():
+    # huge spread over training seeds and over probe seeds, constant difference cell by cell: a point interval
+    a = [[10.0, 50.0], [20.0, 90.0], [30.0, 0.0]]
+    b = [[v - 1.0 for v in row] for row in a]
+    d = paired_difference_crossed(a, b)
+    assert d["estimate"] == pytest.approx(1.0) and d["lo"] == pytest.approx(1.0) and d["hi"] == pytest.approx(1.0)
+
+
+def test_recovered_share_crossed_pairs_the_base_model_by_probe_seed():
+    # the probe seed shifts every model alike (+0 / +5): paired by probe seed, the share is exactly 0.5 always
+    base = [0.2, 5.2]
+    baseline = [[0.4, 5.4]] * 3
+    arm = [[0.3, 5.3]] * 3
+    s = recovered_share_crossed(base, baseline, arm, higher_is_better=False)
+    assert s["estimate"] == pytest.approx(0.5) and s["gap"] == pytest.approx(0.2)
+    assert s["lo"] == pytest.approx(0.5) and s["hi"] == pytest.approx(0.5)
+    # the gap changes sign between probe seeds: the crossed interval is wide, the training-seeds one is not
+    base = [0.2, 0.6]
+    baseline = [[0.5 + 0.01 * i, 0.4 + 0.01 * i] for i in range(3)]
+    arm = [[0.35 + 0.01 * i, 0.45 + 0.01 * i] for i in range(3)]
+    s = recovered_share_crossed(base, baseline, arm, higher_is_better=False)
+    want = (sum(map(sum, baseline)) - sum(map(sum, arm))) / 6 / (sum(map(sum, baseline)) / 6 - 0.4)
+    assert s["estimate"] == pytest.approx(want)
+    flat = recovered_share(0.4, [sum(r) / 2 for r in baseline], [sum(r) / 2 for r in arm], higher_is_better=False)
+    assert flat["estimate"] == pytest.approx(want)
+    # under probe seed 1 alone the share is (0.41 − 0.46) / (0.41 − 0.6) ≈ 0.26: the crossed interval reaches it,
+    # the interval over training seeds alone (which treats the probe seeds' draw as fixed) does not
+    only_ps1 = (0.41 - 0.46) / (0.41 - 0.6)
+    assert s["lo"] <= only_ps1 + 1e-9 < flat["lo"]
+
+
+def test_analyze_resamples_probe_seeds_when_records_keep_them():
+    recs = []
+    for arm, seed in itertools.product(("baseline", "good"), (0, 1, 2)):
+        recs.append(_rec(arm, seed, 0, 0.2, 0.7))
+        for idx in (1, 2):
+            recs.append(_rec(arm, seed, idx, 0.3, 0.5))
+        recs.append(_rec(arm, seed, 3, 0.4 + 0.01 * seed if arm == "baseline" else 0.3, 0.4))
+    # per probe seed, the baseline's gap is +0.6 under one probe seed and -0.2 under the other: mean +0.2
+    for r in recs:
+        p = r["probes"]["reverse_words"]
+        p["seeds"] = [0, 1]
+        p["per_seed"] = {"final_loss": [p["final_loss"] - 0.4, p["final_loss"] + 0.4] if r["stage_index"] == 0
+                         else [p["final_loss"], p["final_loss"]]}
+    an = analyze(_results(recs))
+    prob = an["problem"]["probe reverse_words"]
+    assert prob["ci"] == "training and probe seeds" and prob["estimate"] == pytest.approx(0.21)
+    assert prob["lo_seeds"] > 0 and prob["lo"] < 0 and not prob["degraded"]  # probe noise: not shown to degrade
+    share = an["arms"]["good"]["recovered probe reverse_words"]
+    assert share["ci"] == "training and probe seeds" and share["lo"] < share["lo_seeds"]
+    assert "over training and probe seeds" in "\n".join(_problem_lines(an))
+    # number_words kept no per-probe-seed values: its intervals resample training seeds only
+    assert an["problem"]["probe number_words"]["ci"] == "training seeds"
+    # records that disagree on the probe seeds are not crossed
+    recs[0]["probes"]["reverse_words"]["seeds"] = [0, 2]
+    assert analyze(_results(recs))["problem"]["probe reverse_words"]["ci"] == "training seeds"

@@ -108,3 +108,26 @@ def test_reprobe_adds_a_family_the_demo_did_not_probe(demo, tmp_path):
         assert {k: v for k, v in b["probes"].items() if k != family} == a["probes"]
     assert f"probe {family}" in after["analysis"]["problem"]
     assert f"{family} 3 steps @ lr 0.001" in (dest / "summary.md").read_text()
+
+
+def test_reanalyze_redoes_the_statistics_and_keeps_the_records(demo, tmp_path, capsys):
+    """benchmarks/reanalyze_demo.py: the records are read back untouched; the analysis is this version's."""
+    root, out, models, before = demo
+    spec = importlib.util.spec_from_file_location("_test_reanalyze", REPO / "benchmarks" / "reanalyze_demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    stale = json.loads((out / "results.json").read_text())
+    stale["analysis"] = {"stale": True}
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "results.json").write_text(json.dumps(stale))
+    assert mod.main([str(old), "--out", str(tmp_path / "new")]) == 0
+    after = json.loads((tmp_path / "new" / "results.json").read_text())
+    assert after["records"] == before["records"]
+    assert "stale" not in after["analysis"] and set(after["analysis"]["arms"]) == {"baseline", "l2_anchor"}
+    assert after["meta"]["reanalysis"]["command"].startswith("python benchmarks/reanalyze_demo.py")
+    assert (tmp_path / "new" / "summary.md").exists() and not (tmp_path / "new" / "measure_records.json").exists()
+    assert "The problem" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        mod.main([str(tmp_path / "nowhere")])
+    assert "supple demo --out DIR" in capsys.readouterr().err

@@ -5,6 +5,11 @@ share of the out-of-domain accuracy drop it recovers, forgetting of the first st
 quality, OOD accuracy, ECE and training wall time relative to the baseline — each with a paired bootstrap 95 %
 interval over training seeds. Also the baseline's own degradation (is there a problem to solve?) and the probe's own
 noise (spread over probe seeds on one checkpoint), which must be small next to that degradation.
+
+A probe's intervals resample probe seeds as well as training seeds (:func:`~supple.testbed.stats.crossed_bootstrap_ci`)
+when every record involved kept its per-probe-seed values (``probes[family].per_seed.final_loss``) for the same probe
+seeds; ``ci`` says which interval an entry holds, and a crossed entry keeps the training-seeds-only interval as
+``lo_seeds`` / ``hi_seeds``.
 """
 
 from __future__ import annotations
@@ -12,7 +17,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from .stats import bootstrap_ci, paired_difference, recovered_share
+from .stats import (
+    bootstrap_ci,
+    paired_difference,
+    paired_difference_crossed,
+    recovered_share,
+    recovered_share_crossed,
+)
 
 __all__ = ["analyze", "stage_quality_keys"]
 
@@ -66,12 +77,36 @@ def analyze(results: dict) -> dict:
     def ood_fn(r: dict) -> float:
         return r["tasks"][ood]["acc"]
 
+    def per_probe_seed(r: dict | None, fam: str) -> tuple[tuple[int, ...], list[float]] | None:
+        try:
+            p = r["probes"][fam]
+            vals = [float(v) for v in p["per_seed"]["final_loss"]]
+            return tuple(p.get("seeds", range(len(vals)))), vals
+        except (KeyError, TypeError):
+            return None
+
+    def probe_tables(fam: str, *arms_: str) -> tuple[list[float], list[list[list[float]]]] | None:
+        """The base model's per-probe-seed values and one (training seeds x probe seeds) table per arm, or None
+        when a record lacks them or the records disagree on the probe seeds (then only training seeds resample)."""
+        got = [per_probe_seed(base, fam)] + [per_probe_seed(by.get((arm, s, last)), fam)
+                                             for arm in arms_ for s in seeds]
+        if any(g is None for g in got) or len({g[0] for g in got}) != 1 or len(got[0][1]) < 2:
+            return None
+        vals = [g[1] for g in got[1:]]
+        return got[0][1], [vals[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(arms_))]
+
+    def crossed(d_crossed: dict, d_seeds: dict) -> dict:
+        return {**d_crossed, "lo_seeds": d_seeds["lo"], "hi_seeds": d_seeds["hi"], "ci": "training and probe seeds"}
+
     # the problem: the baseline's degradation from the base model, and the probe's own noise
     problem = {}
     for fam in probes:
         b = _get(base, probe_fn(fam))
         vals = col("baseline", last, probe_fn(fam))
-        d = paired_difference(vals, [b] * len(vals))
+        d = {**paired_difference(vals, [b] * len(vals)), "ci": "training seeds"}
+        tables = probe_tables(fam, "baseline")
+        if tables is not None:
+            d = crossed(paired_difference_crossed(tables[1][0], [tables[0]] * len(seeds)), d)
         noise_base = _get(base, probe_fn(fam, "final_loss_spread"))
         noise_last = [v for v in col("baseline", last, probe_fn(fam, "final_loss_spread")) if math.isfinite(v)]
         known = [v for v in (noise_base, *noise_last) if math.isfinite(v)]
@@ -83,7 +118,7 @@ def analyze(results: dict) -> dict:
                                    "degraded": d["lo"] > 0}  # the probe loss rose, CI above 0
     b_ood = _get(base, ood_fn)
     vals = col("baseline", last, ood_fn)
-    d = paired_difference(vals, [b_ood] * len(vals))
+    d = {**paired_difference(vals, [b_ood] * len(vals)), "ci": "training seeds"}
     problem[f"OOD acc {ood}"] = {"base": b_ood, **d, "degraded": d["hi"] < 0}  # accuracy fell, CI below 0
     out["problem"] = problem
     noise = [r["probes"][f]["final_loss_spread"] for r in records for f in probes
@@ -96,8 +131,12 @@ def analyze(results: dict) -> dict:
         a: dict = {}
         for fam in probes:
             b = _get(base, probe_fn(fam))
-            a[f"recovered probe {fam}"] = recovered_share(b, col("baseline", last, probe_fn(fam)),
-                                                          col(arm, last, probe_fn(fam)), higher_is_better=False)
+            share = {**recovered_share(b, col("baseline", last, probe_fn(fam)), col(arm, last, probe_fn(fam)),
+                                       higher_is_better=False), "ci": "training seeds"}
+            tables = probe_tables(fam, "baseline", arm)
+            if tables is not None:
+                share = crossed(recovered_share_crossed(tables[0], *tables[1], higher_is_better=False), share)
+            a[f"recovered probe {fam}"] = share
             a[f"probe {fam}"] = _mean_ci(col(arm, last, probe_fn(fam)))
         a["recovered OOD"] = recovered_share(b_ood, col("baseline", last, ood_fn), col(arm, last, ood_fn),
                                              higher_is_better=True)

@@ -50,6 +50,9 @@ def add_parsers(subparsers) -> None:
                    "'sft:arithmetic,dpo:arithmetic,sft:sorting' (default sft,dpo,sft2)")
     p.add_argument("--seeds", type=int, default=None, help="number of training seeds (default: the preset's)")
     p.add_argument("--seed-offset", type=int, default=0, help="first training seed (default 0)")
+    p.add_argument("--probe-seeds", type=int, default=None,
+                   help="probe seeds per checkpoint (default: the preset's, 2): each draws its own probe items, LoRA "
+                   "initialization and batch order; more seeds average out the probe's own noise (docs/demo.md)")
     ft = p.add_mutually_exclusive_group()
     ft.add_argument("--full-ft", dest="lora", action="store_false", default=False,
                     help="full fine-tuning stages (default: the baseline loses plasticity by the memorization "
@@ -125,6 +128,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if lrs:
         table = "lr_lora" if args.lora else "lr_full"
         budget = budget_with(budget, **{table: {**getattr(budget, table), **lrs}})
+    if args.probe_seeds is not None:
+        if args.probe_seeds < 1:
+            raise ValueError(f"--probe-seeds {args.probe_seeds}: expected a positive integer, e.g. --probe-seeds 4")
+        budget = budget_with(budget, probe_seeds=args.probe_seeds)
     n_seeds = args.seeds if args.seeds is not None else budget.seeds
     if n_seeds < 1:
         raise ValueError("--seeds must be >= 1")

@@ -250,8 +250,9 @@ def plot_probe_curves(results: dict, path: str) -> str:
     return path
 
 
-def write_outputs(results: dict, measure_rows: list[dict], out: str) -> dict[str, str]:
-    """Write results.json, measure_records.json, summary.md, table.txt, summary.png, probe_curves.png to ``out``."""
+def write_outputs(results: dict, measure_rows: list[dict] | None, out: str) -> dict[str, str]:
+    """Write results.json, measure_records.json, summary.md, table.txt, summary.png, probe_curves.png to ``out``
+    (no measure_records.json when ``measure_rows`` is None: a re-analysis that has none keeps what is there)."""
     from .pipeline import save_json
 
     os.makedirs(out, exist_ok=True)
@@ -280,9 +281,13 @@ def write_outputs(results: dict, measure_rows: list[dict], out: str) -> dict[str
         for k in ("summary_png", "probe_png", "recovered_png"):
             results["meta"]["files"].pop(k, None)
             files.pop(k, None)
+    if measure_rows is None:
+        files.pop("measure_records")
+        results["meta"]["files"].pop("measure_records")
     save_json(results, files["results"])
-    save_json({"meta": {k: results["meta"][k] for k in ("model", "date", "stages", "seeds", "arms")},
-               "records": measure_rows}, files["measure_records"])
+    if measure_rows is not None:
+        save_json({"meta": {k: results["meta"][k] for k in ("model", "date", "stages", "seeds", "arms")},
+                   "records": measure_rows}, files["measure_records"])
     from .verdict import format_verdict
 
     with open(files["table"], "w") as fh:

@@ -6,6 +6,12 @@ compared with the baseline seed by seed. The base model does not depend on the t
 Intervals are percentile bootstrap intervals that resample training seeds with replacement (deterministic given
 ``rng_seed``). With 3 seeds there are only 10 distinct resamples, so the interval is coarse (close to the range of the
 per-seed values) — that is the honest reading of 3 seeds, not a defect of the method.
+
+A probe value is itself a mean over probe seeds (each draws its own probe items, LoRA initialization and batch
+order), and those are a second source of noise. :func:`crossed_bootstrap_ci` resamples both: training seeds (rows)
+and probe seeds (columns), independently, the same rows and columns for every compared table — paired in both. Its
+interval is the one to read for a probe: an interval over training seeds alone treats the probe seeds' draw as fixed
+and is too narrow when the probe is noisy (docs/demo.md, "How sure is a probe result").
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import math
 import random
 from collections.abc import Callable, Sequence
 
-__all__ = ["bootstrap_ci", "paired_difference", "recovered_share"]
+__all__ = ["bootstrap_ci", "crossed_bootstrap_ci", "paired_difference", "paired_difference_crossed",
+           "recovered_share", "recovered_share_crossed"]
 
 
 def _percentile(sorted_vals: Sequence[float], q: float) -> float:
@@ -65,13 +72,82 @@ def bootstrap_ci(
     return out
 
 
+def crossed_bootstrap_ci(
+    tables: Sequence[Sequence[Sequence[float]]],
+    statistic: Callable[..., float],
+    *,
+    n_boot: int = 10_000,
+    level: float = 0.95,
+    rng_seed: int = 0,
+) -> dict[str, float]:
+    """``statistic(*row_means)`` with a percentile bootstrap interval that resamples rows and columns.
+
+    ``tables`` are equally shaped matrices, ``tables[k][i][j]`` the value of training seed ``i`` under probe seed
+    ``j``. A resample draws rows and columns with replacement, independently of each other and the same for every
+    table; each table is then reduced to its row means over the drawn columns, and ``statistic`` gets one list of
+    row means per table (as :func:`bootstrap_ci` gets columns). Returns ``estimate`` (on all the data), ``lo``,
+    ``hi``, ``n`` (rows) and ``n_probe`` (columns); ``lo``/``hi`` are NaN with fewer than 2 rows and 2 columns
+    or no finite resample.
+    """
+    mats = [[list(map(float, row)) for row in t] for t in tables]
+    n = len(mats[0]) if mats else 0
+    m = len(mats[0][0]) if n else 0
+    if any(len(t) != n or any(len(row) != m for row in t) for t in mats):
+        raise ValueError("crossed tables must all be (training seeds x probe seeds) of one shape, got "
+                         f"{[[len(row) for row in t] for t in mats]}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+
+    def reduce(rows: Sequence[int], cols: Sequence[int]) -> float:
+        return statistic(*[[sum(t[i][j] for j in cols) / len(cols) for i in rows] for t in mats])
+
+    est = reduce(range(n), range(m)) if n and m else float("nan")
+    out = {"estimate": est, "lo": float("nan"), "hi": float("nan"), "n": n, "n_probe": m}
+    if n < 2 or m < 2:
+        return out
+    rng = random.Random(rng_seed)
+    vals = []
+    for _ in range(n_boot):
+        v = reduce([rng.randrange(n) for _ in range(n)], [rng.randrange(m) for _ in range(m)])
+        if math.isfinite(v):
+            vals.append(v)
+    if vals:
+        vals.sort()
+        out["lo"], out["hi"] = _percentile(vals, (1 - level) / 2), _percentile(vals, 1 - (1 - level) / 2)
+    return out
+
+
 def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
 
 
+def _mean_difference(x: Sequence[float], y: Sequence[float]) -> float:
+    return _mean(x) - _mean(y)
+
+
 def paired_difference(a: Sequence[float], b: Sequence[float], **kw) -> dict[str, float]:
     """Mean of ``a − b`` over seeds with its paired bootstrap interval."""
-    return bootstrap_ci([a, b], lambda x, y: _mean(x) - _mean(y), **kw)
+    return bootstrap_ci([a, b], _mean_difference, **kw)
+
+
+def paired_difference_crossed(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], **kw) -> dict[str, float]:
+    """Mean of ``a − b`` (training seeds x probe seeds tables) with the crossed bootstrap interval."""
+    return crossed_bootstrap_ci([a, b], _mean_difference, **kw)
+
+
+def _share_fn(base_mean: Callable[[Sequence[float]], float], higher_is_better: bool) -> Callable[..., float]:
+    """The recovered share on (bootstrap) samples: ``sign·(mean(baseline) − mean(arm)) / (sign·(mean(baseline) −
+    base))``, sign −1 for a higher-is-better metric; NaN where the baseline did not move (undefined)."""
+    sign = -1.0 if higher_is_better else 1.0
+
+    def share(bl: Sequence[float], ar: Sequence[float], *base_rows: Sequence[float]) -> float:
+        b = base_mean(*base_rows)
+        gap = sign * (_mean(bl) - b)
+        if abs(gap) <= 1e-12 * max(1.0, abs(b)):  # no degradation: the share is undefined
+            return float("nan")
+        return sign * (_mean(bl) - _mean(ar)) / gap
+
+    return share
 
 
 def recovered_share(
@@ -86,14 +162,24 @@ def recovered_share(
     """
     if len(baseline) != len(arm):
         raise ValueError(f"baseline and arm need one value per seed each, got {len(baseline)} and {len(arm)}")
+    out = bootstrap_ci([baseline, arm], _share_fn(lambda: float(base), higher_is_better), **kw)
+    out["gap"] = (-1.0 if higher_is_better else 1.0) * (_mean(baseline) - base)
+    return out
+
+
+def recovered_share_crossed(
+    base: Sequence[float], baseline: Sequence[Sequence[float]], arm: Sequence[Sequence[float]], *,
+    higher_is_better: bool, **kw
+) -> dict[str, float]:
+    """:func:`recovered_share` of a probe measured under several probe seeds, with the crossed interval.
+
+    ``base`` holds the base model's value per probe seed; ``baseline`` and ``arm`` are (training seeds x probe
+    seeds) tables. A resample draws training seeds and probe seeds, and the base model's value is the mean over
+    the drawn probe seeds — the same probe seeds as the arms', so the gap stays paired by probe seed too."""
+    if len(baseline) != len(arm):
+        raise ValueError(f"baseline and arm need one row per training seed each, got {len(baseline)} and {len(arm)}")
+    base_table = [list(base) for _ in baseline]  # the base model: one row, the same for every training seed
+    out = crossed_bootstrap_ci([baseline, arm, base_table], _share_fn(_mean, higher_is_better), **kw)
     sign = -1.0 if higher_is_better else 1.0
-
-    def share(bl: Sequence[float], ar: Sequence[float]) -> float:
-        gap = sign * (_mean(bl) - base)
-        if abs(gap) <= 1e-12 * max(1.0, abs(base)):  # no degradation: the share is undefined
-            return float("nan")
-        return sign * (_mean(bl) - _mean(ar)) / gap
-
-    out = bootstrap_ci([baseline, arm], share, **kw)
-    out["gap"] = sign * (_mean(baseline) - base)
+    out["gap"] = sign * (_mean([_mean(r) for r in baseline]) - _mean(base))
     return out

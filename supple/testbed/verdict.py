@@ -10,7 +10,7 @@ __all__ = ["VERDICT_LEGEND", "format_verdict", "plot_recovered", "verdict_markdo
 VERDICT_LEGEND = [
     "rec = recovered: the share of the baseline's degradation (vs the base model) the arm wins back at the last stage: "
     "1 = as good as the base model, 0 = no better than the baseline, < 0 = worse; [95 % paired bootstrap CI over "
-    "training seeds]; 'no loss' = the baseline did not degrade there (paired CI), so there is nothing to recover",
+    "training seeds, and for a probe over its probe seeds too, when the records keep them]; 'no loss' = the baseline did not degrade there (paired CI), so there is nothing to recover",
     "probe X = plasticity probe loss on family X after the last stage (a fresh LoRA's loss after its steps; lower = "
     "adapts better): wor = word_codes, memorizing arbitrary codes, scored on the items it trained on (fitting); "
     "rev, num = reverse_words, number_words, scored on held-out items (transfer)",
@@ -69,8 +69,9 @@ def _problem_lines(an: dict) -> list[str]:
             if "quiet" in p:
                 noise += " (quiet: at most a third of the change)" if p["quiet"] else " (noisy: over a third of the change)"
         verdict = "degraded" if p.get("degraded") else "not degraded"
+        over = f" over {p['ci']}" if p.get("ci") else ""
         lines.append(f"{name}: base {p['base']:.3f} -> baseline after {an['last_stage']} "
-                     f"{p['base'] + p['estimate']:.3f}, change {_ci(p, 3)} ({verdict}){noise}")
+                     f"{p['base'] + p['estimate']:.3f}, change {_ci(p, 3)}{over} ({verdict}){noise}")
     return lines
 
 
