@@ -23,19 +23,49 @@ import time
 from dataclasses import asdict, replace
 
 
-def _probe_one(args: tuple) -> tuple[str, dict]:
-    spec, family, budget_fields, threads = args
+def _probe_one(args: tuple) -> tuple[str, int, dict, float]:
+    """One (checkpoint, probe seed) run, in a worker process: the unit of parallel work."""
+    spec, family, budget_fields, seed, threads = args
     import torch
 
-    from supple.testbed.evaluation import load_testbed_model, probe_summary
+    from supple.testbed.evaluation import load_testbed_model, probe_runs
     from supple.testbed.settings import Budget
 
     torch.set_num_threads(threads)
     model, tok, name = load_testbed_model(spec)
     t0 = time.perf_counter()
-    summary = probe_summary(model, tok, family, Budget(**budget_fields), name)
-    summary["seconds"] = time.perf_counter() - t0
-    return spec, summary
+    (run,) = probe_runs(model, tok, family, Budget(**budget_fields), name, [seed])
+    return spec, seed, run, time.perf_counter() - t0
+
+
+_SAME_PROBE = ("probe_rank", "probe_batch", "probe_eval", "probe_format", "probe_warmup", "probe_max_grad_norm")
+
+
+def _base_from(ap, directory: str, family: str, budget) -> dict:
+    """The base model's ``family`` probe from another run's results.json, if it ran the same probe settings."""
+    from supple.testbed.settings import Budget
+
+    path = os.path.join(directory, "results.json")
+    if not os.path.isfile(path):
+        ap.error(f"--base-from: no {path}")
+    with open(path, encoding="utf-8") as fh:
+        other = json.load(fh)
+    base = next((r for r in other["records"] if r["stage"] == "base"), None)
+    if base is None or family not in (base.get("probes") or {}):
+        ap.error(f"--base-from: {path} has no base-model {family} probe")
+    differ = _probe_differences(Budget.from_fields(other["meta"]["budget"]), budget, family)
+    if differ:
+        ap.error(f"--base-from: {path} probed with other settings ({', '.join(differ)})")
+    return base["probes"][family]
+
+
+def _probe_differences(theirs, ours, family: str) -> list[str]:
+    """The probe settings on ``family`` in which two budgets differ (the probe seeds aside)."""
+    differ = [f"{k} {getattr(theirs, k)} vs {getattr(ours, k)}" for k in _SAME_PROBE
+              if getattr(theirs, k) != getattr(ours, k)]
+    if theirs.probe_settings(family) != ours.probe_settings(family):
+        differ.append(f"{family} steps/lr/eval_every {theirs.probe_settings(family)} vs {ours.probe_settings(family)}")
+    return differ
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clip", type=float, default=0.0, help="probe gradient-norm clipping (default 0 = none)")
     ap.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every N steps (default steps/5)")
     ap.add_argument("--workers", type=int, default=1, help="processes, one torch thread each")
+    ap.add_argument("--base-probe-seeds", type=int, default=None,
+                    help="probe seeds for the base model (default: as many as the checkpoints'). The base model is "
+                    "probed once per demo, so more seeds there are cheap; the analysis then resamples them on their own")
+    ap.add_argument("--base-only", action="store_true",
+                    help="re-measure the base model only; the checkpoints keep their recorded values of --family")
+    ap.add_argument("--base-from", default=None, metavar="DIR",
+                    help="take the base model's --family probe from another demo's (or re-probe's) results.json in DIR "
+                    "instead of probing it again; its probe settings must equal these")
     ap.add_argument("--arms", default=None, help="comma-separated arms to keep (default: all of the demo's)")
     ap.add_argument("--out", required=True, help="where to write the re-measured demo outputs")
     args = ap.parse_args(argv)
@@ -58,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--steps >= 1, 0 < --lr < 1, --workers >= 1 and --probe-seeds >= 1")
     if args.warmup < 0 or args.clip < 0:
         ap.error("--warmup >= 0 and --clip >= 0 (0 = off)")
+    if (args.base_probe_seeds or 1) < 1:
+        ap.error("--base-probe-seeds >= 1")
+    if args.base_only and args.base_from:
+        ap.error("--base-only probes the base model, --base-from copies it: pass one of them")
 
     from supple.testbed.analysis import analyze
     from supple.testbed.pipeline import summarize
@@ -76,11 +118,19 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--arms: {unknown} not in the demo's arms {meta['arms']}")
         meta["arms"] = [a for a in meta["arms"] if a in keep]
         results["records"] = [r for r in results["records"] if r["arm"] in keep]
-    budget = replace(Budget.from_fields(meta["budget"]), probe_warmup=args.warmup, probe_max_grad_norm=args.clip)
+    recorded = Budget.from_fields(meta["budget"])
+    budget = replace(recorded, probe_warmup=args.warmup, probe_max_grad_norm=args.clip)
     budget = budget.with_probe(args.family, args.steps, args.lr, args.eval_every)
+    if args.base_only:  # the base model must be probed as the checkpoints were
+        differ = _probe_differences(recorded, budget, args.family)
+        if differ:
+            ap.error(f"--base-only: the checkpoints' {args.family} probe ran other settings ({', '.join(differ)}); "
+                     "pass the demo's own --steps/--lr/--eval-every/--warmup/--clip")
     if args.probe_seeds:
         budget = replace(budget, probe_seeds=args.probe_seeds)
+    base_budget = replace(budget, probe_seeds=args.base_probe_seeds) if args.base_probe_seeds else budget
     base_spec = args.base or meta.get("model_spec") or "embedded"
+    copied = _base_from(ap, args.base_from, args.family, base_budget) if args.base_from else None
 
     # which checkpoint each probed record needs: the base model once, every probed (seed, arm, stage)
     specs: dict[int, str] = {}
@@ -88,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         if not rec.get("probes"):  # not a probed checkpoint
             continue
         if rec["stage"] == "base":
-            specs[i] = base_spec
+            if copied is None:
+                specs[i] = base_spec
+        elif args.base_only:
+            if args.family not in rec["probes"]:
+                ap.error(f"--base-only: the checkpoints have no {args.family} probe to keep; re-measure them too")
         else:
             path = os.path.join(args.models, f"seed{rec['seed']}", rec["arm"], rec["stage"])
             if not os.path.isdir(path):
@@ -96,9 +150,19 @@ def main(argv: list[str] | None = None) -> int:
             specs[i] = path
     todo = list(dict.fromkeys(specs.values()))
     print(f"reprobe: {len(todo)} checkpoint(s), {args.family} {args.steps} steps @ {args.lr:g}, "
-          f"{budget.probe_seeds} probe seeds, {args.workers} worker(s)", flush=True)
-    jobs = [(spec, args.family, asdict(budget), 1) for spec in todo]
+          + (f"base model only, {base_budget.probe_seeds} probe seeds" if args.base_only else
+             f"{budget.probe_seeds} probe seeds (base model {base_budget.probe_seeds})")
+          + f", {args.workers} worker(s)", flush=True)
+    from supple.testbed.evaluation import summarize_probe_runs
+
+    def budget_of(spec: str):
+        return base_budget if spec == base_spec else budget
+
+    jobs = [(spec, args.family, asdict(budget_of(spec)), seed, 1)
+            for spec in todo for seed in range(budget_of(spec).probe_seeds)]
     t0 = time.perf_counter()
+    runs: dict[str, dict[int, dict]] = {spec: {} for spec in todo}
+    seconds: dict[str, float] = dict.fromkeys(todo, 0.0)
     probed: dict[str, dict] = {}
     with contextlib.ExitStack() as stack:
         if args.workers == 1:
@@ -107,14 +171,31 @@ def main(argv: list[str] | None = None) -> int:
             import multiprocessing as mp
 
             done = stack.enter_context(mp.get_context("spawn").Pool(args.workers)).imap_unordered(_probe_one, jobs)
-        for spec, summary in done:
-            probed[spec] = summary
-            print(f"  {spec}: final {summary['final_loss']:.3f} (noise {summary['final_loss_spread']:.3f}, "
-                  f"{summary['seconds']:.0f} s)", flush=True)
+        for spec, seed, run, sec in done:
+            runs[spec][seed] = run
+            seconds[spec] += sec
+            if len(runs[spec]) == budget_of(spec).probe_seeds:
+                seeds = sorted(runs[spec])
+                probed[spec] = {**summarize_probe_runs(args.family, seeds, [runs[spec][k] for k in seeds]),
+                                "seconds": seconds[spec]}
+                print(f"  {spec}: final {probed[spec]['final_loss']:.3f} (noise {probed[spec]['final_loss_spread']:.3f}, "
+                      f"{len(seeds)} probe seeds, {seconds[spec]:.0f} s)", flush=True)
 
     probes = meta.setdefault("families", {}).setdefault("probes", [])
     if args.family not in probes:  # a family the demo did not probe: added as the last one
         probes.append(args.family)
+    reproduced = None
+    if base_spec in probed:  # the probe seeds the base model had before must give the values recorded then
+        old = (next(r for r in results["records"] if r["stage"] == "base")["probes"].get(args.family) or {})
+        was = dict(zip(old.get("seeds", []), (old.get("per_seed") or {}).get("final_loss", [])))
+        now = dict(zip(probed[base_spec]["seeds"], probed[base_spec]["per_seed"]["final_loss"]))
+        common = sorted(set(was) & set(now))
+        if common and not _probe_differences(recorded, budget, args.family):
+            reproduced = max(abs(was[k] - now[k]) for k in common)
+            print(f"  base model: probe seeds {common} reproduce the recorded values within {reproduced:.2e}")
+    if copied is not None:
+        probed["<base-from>"] = copied
+        specs.update({i: "<base-from>" for i, rec in enumerate(results["records"]) if rec["stage"] == "base"})
     for i, spec in specs.items():
         rec = results["records"][i]
         rec["probes"][args.family] = probed[spec]
@@ -122,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             rec["probe"] = probed[spec]
     meta["budget"]["probe_overrides"] = budget.probe_overrides  # the report names the settings each family ran
     meta["reprobe"] = {"family": args.family, "probe_steps": args.steps, "probe_lr": args.lr,
-                       "probe_seeds": budget.probe_seeds, "probe_rank": budget.probe_rank,
+                       "probe_seeds": budget.probe_seeds, "base_probe_seeds": base_budget.probe_seeds,
+                       "base_only": args.base_only, "base_from": args.base_from,
+                       "base_reproduced_within": reproduced, "probe_rank": budget.probe_rank,
                        "probe_batch": budget.probe_batch, "probe_format": budget.probe_format,
                        "probe_warmup": budget.probe_warmup, "probe_max_grad_norm": budget.probe_max_grad_norm,
                        "checkpoints": len(todo), "seconds": time.perf_counter() - t0,

@@ -220,6 +220,31 @@ def test_analyze_resamples_probe_seeds_when_records_keep_them():
     assert "over training and probe seeds" in "\n".join(_problem_lines(an))
     # number_words kept no per-probe-seed values: its intervals resample training seeds only
     assert an["problem"]["probe number_words"]["ci"] == "training seeds"
-    # records that disagree on the probe seeds are not crossed
+    # the base model probed under its own probe seeds: resampled on its own, not paired by probe seed
     recs[0]["probes"]["reverse_words"]["seeds"] = [0, 2]
+    assert recs[0]["stage_index"] == 0
+    prob = analyze(_results(recs))["problem"]["probe reverse_words"]
+    assert prob["ci"] == "training and probe seeds (base model: its own 2 probe seeds)"
+    assert prob["estimate"] == pytest.approx(0.21)
+    # checkpoints that disagree on the probe seeds are not crossed
+    last = next(r for r in recs if r["stage_index"] == 3)
+    last["probes"]["reverse_words"]["seeds"] = [5, 6]
     assert analyze(_results(recs))["problem"]["probe reverse_words"]["ci"] == "training seeds"
+
+
+def test_difference_from_an_unpaired_base_model():
+    from supple.testbed.stats import difference_from_base_crossed
+
+    table = [[2.0, 2.2], [2.1, 2.3], [1.9, 2.1]]  # 3 training seeds x 2 probe seeds, mean 2.1
+    base = [1.0, 1.4, 1.2, 1.6, 0.8, 1.2]  # the base model under 6 probe seeds of its own, mean 1.2
+    d = difference_from_base_crossed(table, base, rng_seed=2)
+    assert d["estimate"] == pytest.approx(0.9) and d["lo"] < 0.9 < d["hi"]
+    # the base model's own spread enters the interval: a constant base gives a narrower one
+    flat = difference_from_base_crossed(table, [1.2] * 6, rng_seed=2)
+    assert flat["hi"] - flat["lo"] < d["hi"] - d["lo"]
+    # every resample lies between the extremes a resample can reach
+    assert 1.9 - 1.6 - 1e-9 <= d["lo"] and d["hi"] <= 2.3 - 0.8 + 1e-9
+    # an unpaired share: (mean(bl) − mean(arm)) / (mean(bl) − mean(base))
+    arm = [[v - 0.45 for v in row] for row in table]
+    s = recovered_share_crossed(base, table, arm, higher_is_better=False, paired_base=False)
+    assert s["estimate"] == pytest.approx(0.5) and s["gap"] == pytest.approx(0.9) and s["lo"] < 0.5 < s["hi"]

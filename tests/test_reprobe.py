@@ -131,3 +131,39 @@ def test_reanalyze_redoes_the_statistics_and_keeps_the_records(demo, tmp_path, c
     with pytest.raises(SystemExit):
         mod.main([str(tmp_path / "nowhere")])
     assert "supple demo --out DIR" in capsys.readouterr().err
+
+
+def test_reprobe_base_only_with_more_probe_seeds_then_base_from(demo, tmp_path, capsys):
+    """--base-only re-probes the base model alone (here under 3 probe seeds, the first reproducing the recorded
+    one); --base-from copies that base-model probe into another run; mismatched settings are refused."""
+    root, out, models, before = demo
+    family = "word_codes"
+    steps, lr, every = 2, 1e-3, 1  # the smoke preset's word_codes settings, as the checkpoints ran them
+    assert before["meta"]["budget"]["probe_overrides"][family] == {"steps": steps, "lr": lr, "eval_every": every}
+    common = ["--models", str(models), "--base", "tiny", "--family", family, "--steps", str(steps), "--lr", str(lr),
+              "--eval-every", str(every)]
+    dest = tmp_path / "base16"
+    assert _load_reprobe().main(["--demo", str(out), *common, "--base-only", "--base-probe-seeds", "3",
+                                 "--out", str(dest)]) == 0
+    assert "reproduce the recorded values" in capsys.readouterr().out
+    after = json.loads((dest / "results.json").read_text())
+    assert after["meta"]["reprobe"]["base_reproduced_within"] < 1e-6
+    for a, b in zip(before["records"], after["records"]):
+        if a["stage"] == "base":
+            assert b["probes"][family]["seeds"] == [0, 1, 2]
+            assert b["probes"][family]["per_seed"]["final_loss"][0] == pytest.approx(
+                a["probes"][family]["per_seed"]["final_loss"][0], abs=1e-6)
+        else:
+            assert b.get("probes") == a.get("probes")  # the checkpoints keep their recorded values
+    # the base model's probe copied from that run into another
+    dest2 = tmp_path / "copied"
+    assert _load_reprobe().main(["--demo", str(out), *common, "--base-from", str(dest), "--out", str(dest2)]) == 0
+    copied = json.loads((dest2 / "results.json").read_text())
+    base_probe = next(r for r in copied["records"] if r["stage"] == "base")["probes"][family]
+    assert base_probe["seeds"] == [0, 1, 2]
+    # refused: the base model probed other than the checkpoints were, or copied from a run with other settings
+    for extra in (["--base-only"], ["--base-from", str(dest)]):
+        with pytest.raises(SystemExit):
+            _load_reprobe().main(["--demo", str(out), "--models", str(models), "--base", "tiny", "--family", family,
+                                  "--steps", "3", "--lr", str(lr), *extra, "--out", str(tmp_path / "bad")])
+        assert "other settings" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from .stats import (
     bootstrap_ci,
+    difference_from_base_crossed,
     paired_difference,
     paired_difference_crossed,
     recovered_share,
@@ -85,18 +86,24 @@ def analyze(results: dict) -> dict:
         except (KeyError, TypeError):
             return None
 
-    def probe_tables(fam: str, *arms_: str) -> tuple[list[float], list[list[list[float]]]] | None:
-        """The base model's per-probe-seed values and one (training seeds x probe seeds) table per arm, or None
-        when a record lacks them or the records disagree on the probe seeds (then only training seeds resample)."""
-        got = [per_probe_seed(base, fam)] + [per_probe_seed(by.get((arm, s, last)), fam)
-                                             for arm in arms_ for s in seeds]
-        if any(g is None for g in got) or len({g[0] for g in got}) != 1 or len(got[0][1]) < 2:
+    def probe_tables(fam: str, *arms_: str) -> tuple[list[float], list[list[list[float]]], bool] | None:
+        """The base model's per-probe-seed values, one (training seeds x probe seeds) table per arm, and whether
+        the base model was probed under the same probe seeds as the checkpoints (paired) or under its own (e.g.
+        more of them). None when a record lacks them or the checkpoints disagree on the probe seeds (then only
+        training seeds resample)."""
+        b = per_probe_seed(base, fam)
+        got = [per_probe_seed(by.get((arm, s, last)), fam) for arm in arms_ for s in seeds]
+        if b is None or any(g is None for g in got) or len({g[0] for g in got}) != 1 or len(got[0][1]) < 2:
             return None
-        vals = [g[1] for g in got[1:]]
-        return got[0][1], [vals[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(arms_))]
+        vals = [g[1] for g in got]
+        paired = b[0] == got[0][0]
+        if not paired and len(b[1]) < 2:
+            return None
+        return b[1], [vals[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(arms_))], paired
 
-    def crossed(d_crossed: dict, d_seeds: dict) -> dict:
-        return {**d_crossed, "lo_seeds": d_seeds["lo"], "hi_seeds": d_seeds["hi"], "ci": "training and probe seeds"}
+    def crossed(d_crossed: dict, d_seeds: dict, paired: bool, n_base: int) -> dict:
+        how = "training and probe seeds" + ("" if paired else f" (base model: its own {n_base} probe seeds)")
+        return {**d_crossed, "lo_seeds": d_seeds["lo"], "hi_seeds": d_seeds["hi"], "ci": how}
 
     # the problem: the baseline's degradation from the base model, and the probe's own noise
     problem = {}
@@ -106,7 +113,9 @@ def analyze(results: dict) -> dict:
         d = {**paired_difference(vals, [b] * len(vals)), "ci": "training seeds"}
         tables = probe_tables(fam, "baseline")
         if tables is not None:
-            d = crossed(paired_difference_crossed(tables[1][0], [tables[0]] * len(seeds)), d)
+            base_ps, (bl,), paired = tables
+            d = crossed(paired_difference_crossed(bl, [base_ps] * len(seeds)) if paired
+                        else difference_from_base_crossed(bl, base_ps), d, paired, len(base_ps))
         noise_base = _get(base, probe_fn(fam, "final_loss_spread"))
         noise_last = [v for v in col("baseline", last, probe_fn(fam, "final_loss_spread")) if math.isfinite(v)]
         known = [v for v in (noise_base, *noise_last) if math.isfinite(v)]
@@ -135,7 +144,9 @@ def analyze(results: dict) -> dict:
                                        higher_is_better=False), "ci": "training seeds"}
             tables = probe_tables(fam, "baseline", arm)
             if tables is not None:
-                share = crossed(recovered_share_crossed(tables[0], *tables[1], higher_is_better=False), share)
+                base_ps, (bl, ar), paired = tables
+                share = crossed(recovered_share_crossed(base_ps, bl, ar, higher_is_better=False, paired_base=paired),
+                                share, paired, len(base_ps))
             a[f"recovered probe {fam}"] = share
             a[f"probe {fam}"] = _mean_ci(col(arm, last, probe_fn(fam)))
         a["recovered OOD"] = recovered_share(b_ood, col("baseline", last, ood_fn), col(arm, last, ood_fn),

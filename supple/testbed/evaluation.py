@@ -202,18 +202,16 @@ def geometry_metrics(model, tok, texts: Sequence[str], max_tokens: int, max_leng
 _PROBE_KEYS = ("start_loss", "final_loss", "improvement", "relative_improvement", "area", "train_area")
 
 
-def probe_summary(model, tok, family: str, budget: Budget, name: str) -> dict:
-    """The plasticity probe on ``family``, once per probe seed ``0 .. budget.probe_seeds - 1``.
+def probe_runs(model, tok, family: str, budget: Budget, name: str, seeds: Sequence[int]) -> list[dict]:
+    """One plasticity probe run on ``family`` per probe seed in ``seeds`` (:func:`supple.measure.probe.plasticity_probe`).
 
-    The probe seeds fix the fresh LoRA's initialization, the batch order and the training items, and are the
-    same for every checkpoint (so probes of two arms or stages are paired). Returns the mean over probe seeds
-    of each scalar (``final_loss``, ...), the per-seed values (``per_seed``), the probe's own noise
-    (``final_loss_spread``: max − min over probe seeds) and the mean held-out curve."""
+    A probe seed fixes the fresh LoRA's initialization, the batch order and the training items, so two
+    checkpoints probed under the same seeds are paired."""
     from supple.measure.probe import plasticity_probe
 
     runs = []
     steps, lr, eval_every = budget.probe_settings(family)
-    for ps in range(budget.probe_seeds):
+    for ps in seeds:
         train, held = probe_texts(family, steps * budget.probe_batch, budget.probe_eval, ps, budget.probe_format, tok)
         runs.append(plasticity_probe(
             model, tok, train, held, steps=steps, lr=lr, rank=budget.probe_rank,
@@ -221,7 +219,15 @@ def probe_summary(model, tok, family: str, budget: Budget, name: str) -> dict:
             eval_every=eval_every, name=f"{name} {family}", progress=False,
             warmup_steps=budget.probe_warmup, max_grad_norm=budget.probe_max_grad_norm or None,
         ))
-    out: dict[str, Any] = {"family": family, "seeds": list(range(budget.probe_seeds))}
+    return runs
+
+
+def summarize_probe_runs(family: str, seeds: Sequence[int], runs: Sequence[dict]) -> dict:
+    """The mean over probe seeds of each scalar (``final_loss``, ...), the per-seed values (``per_seed``), the
+    probe's own noise (``final_loss_spread``: max − min over probe seeds) and the mean held-out curve."""
+    if len(seeds) != len(runs) or not runs:
+        raise ValueError(f"one run per probe seed: {len(seeds)} seeds, {len(runs)} runs")
+    out: dict[str, Any] = {"family": family, "seeds": list(seeds)}
     for k in _PROBE_KEYS:
         out[k] = sum(r[k] for r in runs) / len(runs)
     out["per_seed"] = {k: [r[k] for r in runs] for k in ("start_loss", "final_loss", "area")}
@@ -230,6 +236,14 @@ def probe_summary(model, tok, family: str, budget: Budget, name: str) -> dict:
     out["eval_loss"] = [sum(c) / len(c) for c in zip(*(r["eval_loss"] for r in runs))]
     out["train_loss"] = [sum(c) / len(c) for c in zip(*(r["train_loss"] for r in runs))]
     return out
+
+
+def probe_summary(model, tok, family: str, budget: Budget, name: str) -> dict:
+    """The plasticity probe on ``family``, once per probe seed ``0 .. budget.probe_seeds - 1``, summarized
+    (:func:`probe_runs`, :func:`summarize_probe_runs`); the same probe seeds for every checkpoint, so probes of
+    two arms or stages are paired."""
+    seeds = list(range(budget.probe_seeds))
+    return summarize_probe_runs(family, seeds, probe_runs(model, tok, family, budget, name, seeds))
 
 
 @dataclass

@@ -20,7 +20,8 @@ import math
 import random
 from collections.abc import Callable, Sequence
 
-__all__ = ["bootstrap_ci", "crossed_bootstrap_ci", "paired_difference", "paired_difference_crossed",
+__all__ = ["bootstrap_ci", "crossed_bootstrap_ci", "difference_from_base_crossed", "paired_difference",
+           "paired_difference_crossed",
            "recovered_share", "recovered_share_crossed"]
 
 
@@ -76,18 +77,21 @@ def crossed_bootstrap_ci(
     tables: Sequence[Sequence[Sequence[float]]],
     statistic: Callable[..., float],
     *,
+    independent: Sequence[Sequence[float]] = (),
     n_boot: int = 10_000,
     level: float = 0.95,
     rng_seed: int = 0,
 ) -> dict[str, float]:
-    """``statistic(*row_means)`` with a percentile bootstrap interval that resamples rows and columns.
+    """``statistic(*row_means, *independent_means)`` with a percentile bootstrap interval that resamples rows and
+    columns.
 
     ``tables`` are equally shaped matrices, ``tables[k][i][j]`` the value of training seed ``i`` under probe seed
     ``j``. A resample draws rows and columns with replacement, independently of each other and the same for every
     table; each table is then reduced to its row means over the drawn columns, and ``statistic`` gets one list of
-    row means per table (as :func:`bootstrap_ci` gets columns). Returns ``estimate`` (on all the data), ``lo``,
-    ``hi``, ``n`` (rows) and ``n_probe`` (columns); ``lo``/``hi`` are NaN with fewer than 2 rows and 2 columns
-    or no finite resample.
+    row means per table (as :func:`bootstrap_ci` gets columns). Each of the ``independent`` samples (e.g. the base
+    model probed under other probe seeds than the tables) is resampled on its own, and ``statistic`` gets its
+    mean after the tables' row means. Returns ``estimate`` (on all the data), ``lo``, ``hi``, ``n`` (rows) and
+    ``n_probe`` (columns); ``lo``/``hi`` are NaN with fewer than 2 rows and 2 columns or no finite resample.
     """
     mats = [[list(map(float, row)) for row in t] for t in tables]
     n = len(mats[0]) if mats else 0
@@ -98,17 +102,24 @@ def crossed_bootstrap_ci(
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
 
-    def reduce(rows: Sequence[int], cols: Sequence[int]) -> float:
-        return statistic(*[[sum(t[i][j] for j in cols) / len(cols) for i in rows] for t in mats])
+    extra = [list(map(float, x)) for x in independent]
+    if any(not x for x in extra):
+        raise ValueError("an independent sample needs at least one value")
 
-    est = reduce(range(n), range(m)) if n and m else float("nan")
+    def reduce(rows: Sequence[int], cols: Sequence[int], picks: Sequence[Sequence[int]]) -> float:
+        return statistic(*[[sum(t[i][j] for j in cols) / len(cols) for i in rows] for t in mats],
+                         *[sum(x[k] for k in ks) / len(ks) for x, ks in zip(extra, picks)])
+
+    everything = [range(len(x)) for x in extra]
+    est = reduce(range(n), range(m), everything) if n and m else float("nan")
     out = {"estimate": est, "lo": float("nan"), "hi": float("nan"), "n": n, "n_probe": m}
     if n < 2 or m < 2:
         return out
     rng = random.Random(rng_seed)
     vals = []
     for _ in range(n_boot):
-        v = reduce([rng.randrange(n) for _ in range(n)], [rng.randrange(m) for _ in range(m)])
+        v = reduce([rng.randrange(n) for _ in range(n)], [rng.randrange(m) for _ in range(m)],
+                   [[rng.randrange(len(x)) for _ in x] for x in extra])
         if math.isfinite(v):
             vals.append(v)
     if vals:
@@ -135,7 +146,13 @@ def paired_difference_crossed(a: Sequence[Sequence[float]], b: Sequence[Sequence
     return crossed_bootstrap_ci([a, b], _mean_difference, **kw)
 
 
-def _share_fn(base_mean: Callable[[Sequence[float]], float], higher_is_better: bool) -> Callable[..., float]:
+def difference_from_base_crossed(a: Sequence[Sequence[float]], base: Sequence[float], **kw) -> dict[str, float]:
+    """Mean of table ``a`` minus the mean of ``base``, the base model probed under its own probe seeds (other or
+    more than the table's): the table is resampled crossed, ``base`` on its own."""
+    return crossed_bootstrap_ci([a], lambda rows, b: _mean(rows) - b, independent=[base], **kw)
+
+
+def _share_fn(base_mean: Callable[..., float], higher_is_better: bool) -> Callable[..., float]:
     """The recovered share on (bootstrap) samples: ``sign·(mean(baseline) − mean(arm)) / (sign·(mean(baseline) −
     base))``, sign −1 for a higher-is-better metric; NaN where the baseline did not move (undefined)."""
     sign = -1.0 if higher_is_better else 1.0
@@ -169,17 +186,23 @@ def recovered_share(
 
 def recovered_share_crossed(
     base: Sequence[float], baseline: Sequence[Sequence[float]], arm: Sequence[Sequence[float]], *,
-    higher_is_better: bool, **kw
+    higher_is_better: bool, paired_base: bool = True, **kw
 ) -> dict[str, float]:
     """:func:`recovered_share` of a probe measured under several probe seeds, with the crossed interval.
 
     ``base`` holds the base model's value per probe seed; ``baseline`` and ``arm`` are (training seeds x probe
-    seeds) tables. A resample draws training seeds and probe seeds, and the base model's value is the mean over
-    the drawn probe seeds — the same probe seeds as the arms', so the gap stays paired by probe seed too."""
+    seeds) tables. With ``paired_base`` (the base model probed under the tables' probe seeds) a resample draws
+    training seeds and probe seeds, and the base model's value is the mean over the drawn probe seeds, so the gap
+    stays paired by probe seed too. Without it (the base model probed under more or other probe seeds) the base
+    model's values are resampled on their own."""
     if len(baseline) != len(arm):
         raise ValueError(f"baseline and arm need one row per training seed each, got {len(baseline)} and {len(arm)}")
-    base_table = [list(base) for _ in baseline]  # the base model: one row, the same for every training seed
-    out = crossed_bootstrap_ci([baseline, arm, base_table], _share_fn(_mean, higher_is_better), **kw)
+    if not paired_base:
+        out = crossed_bootstrap_ci([baseline, arm], _share_fn(lambda b: b, higher_is_better), independent=[base],
+                                   **kw)
+    else:
+        base_table = [list(base) for _ in baseline]  # the base model: one row, the same for every training seed
+        out = crossed_bootstrap_ci([baseline, arm, base_table], _share_fn(_mean, higher_is_better), **kw)
     sign = -1.0 if higher_is_better else 1.0
     out["gap"] = sign * (_mean([_mean(r) for r in baseline]) - _mean(base))
     return out
