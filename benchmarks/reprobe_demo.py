@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="probe seeds for the base model (default: as many as the checkpoints'). The base model is "
                     "probed once per demo, so more seeds there are cheap; the analysis then resamples them on their own")
     ap.add_argument("--base-only", action="store_true",
-                    help="re-measure the base model only; the checkpoints keep their recorded values of --family")
+                    help="re-measure the base model only; the checkpoints keep their recorded values of --family (with "
+                    "--base-from: probe nothing, splice the other run's base-model probe in)")
     ap.add_argument("--base-from", default=None, metavar="DIR",
                     help="take the base model's --family probe from another demo's (or re-probe's) results.json in DIR "
                     "instead of probing it again; its probe settings must equal these")
@@ -98,8 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--warmup >= 0 and --clip >= 0 (0 = off)")
     if (args.base_probe_seeds or 1) < 1:
         ap.error("--base-probe-seeds >= 1")
-    if args.base_only and args.base_from:
-        ap.error("--base-only probes the base model, --base-from copies it: pass one of them")
 
     from supple.testbed.analysis import analyze
     from supple.testbed.pipeline import summarize

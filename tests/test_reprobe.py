@@ -161,6 +161,14 @@ def test_reprobe_base_only_with_more_probe_seeds_then_base_from(demo, tmp_path, 
     copied = json.loads((dest2 / "results.json").read_text())
     base_probe = next(r for r in copied["records"] if r["stage"] == "base")["probes"][family]
     assert base_probe["seeds"] == [0, 1, 2]
+    # --base-only --base-from: nothing probed, the base model's probe spliced into the demo's own records
+    dest3 = tmp_path / "spliced"
+    assert _load_reprobe().main(["--demo", str(out), *common, "--base-only", "--base-from", str(dest), "--out",
+                                 str(dest3)]) == 0
+    assert "0 checkpoint(s)" in capsys.readouterr().out
+    spliced = json.loads((dest3 / "results.json").read_text())
+    for a, b in zip(after["records"], spliced["records"]):
+        assert a.get("probes") == b.get("probes")
     # refused: the base model probed other than the checkpoints were, or copied from a run with other settings
     for extra in (["--base-only"], ["--base-from", str(dest)]):
         with pytest.raises(SystemExit):

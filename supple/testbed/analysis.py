@@ -120,7 +120,10 @@ def analyze(results: dict) -> dict:
         noise_last = [v for v in col("baseline", last, probe_fn(fam, "final_loss_spread")) if math.isfinite(v)]
         known = [v for v in (noise_base, *noise_last) if math.isfinite(v)]
         worst = max(known) if known else float("nan")
-        problem[f"probe {fam}"] = {"base": b, **d, "noise": noise_base,
+        ps = per_probe_seed(base, fam)
+        sd = _sd(ps[1]) if ps is not None else float("nan")
+        problem[f"probe {fam}"] = {"base": b, **d, "noise": noise_base, "noise_sd": sd,
+                                   "n_probe_base": len(ps[1]) if ps is not None else 0,
                                    "noise_last": max(noise_last) if noise_last else float("nan"),
                                    # quiet: the probe's own noise at most a third of the change it measures
                                    "quiet": bool(math.isfinite(worst) and worst <= abs(d["estimate"]) / 3),
@@ -171,6 +174,14 @@ def analyze(results: dict) -> dict:
         out["arms"][arm] = a
     out["goal"] = {arm: _goal(out, arm) for arm in arms if arm != "baseline"}
     return out
+
+
+def _sd(vals: list[float]) -> float:
+    """Sample standard deviation (n − 1); NaN for fewer than 2 values."""
+    if len(vals) < 2:
+        return float("nan")
+    m = sum(vals) / len(vals)
+    return math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
 
 
 def _ratio_of_means(a: list[float], b: list[float]) -> float:
