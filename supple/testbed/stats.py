@@ -60,13 +60,19 @@ def bootstrap_ci(
     out = {"estimate": est, "lo": float("nan"), "hi": float("nan"), "n": n}
     if n < 2:
         return out
-    rng = random.Random(rng_seed)
-    vals = []
-    for _ in range(n_boot):
+    def draw(rng: random.Random) -> float:
         idx = [rng.randrange(n) for _ in range(n)]
-        v = statistic(*[[c[i] for i in idx] for c in cols])
-        if math.isfinite(v):
-            vals.append(v)
+        return statistic(*[[c[i] for i in idx] for c in cols])
+
+    return _with_interval(out, draw, n_boot, level, rng_seed)
+
+
+def _with_interval(out: dict, draw: Callable[[random.Random], float], n_boot: int, level: float,
+                   rng_seed: int) -> dict:
+    """``out`` with ``lo``/``hi``: the percentile interval of ``n_boot`` resampled statistics ``draw(rng)``
+    (non-finite ones dropped; ``lo``/``hi`` stay NaN when none is finite)."""
+    rng = random.Random(rng_seed)
+    vals = [v for v in (draw(rng) for _ in range(n_boot)) if math.isfinite(v)]
     if vals:
         vals.sort()
         out["lo"], out["hi"] = _percentile(vals, (1 - level) / 2), _percentile(vals, 1 - (1 - level) / 2)
@@ -115,17 +121,10 @@ def crossed_bootstrap_ci(
     out = {"estimate": est, "lo": float("nan"), "hi": float("nan"), "n": n, "n_probe": m}
     if n < 2 or m < 2:
         return out
-    rng = random.Random(rng_seed)
-    vals = []
-    for _ in range(n_boot):
-        v = reduce([rng.randrange(n) for _ in range(n)], [rng.randrange(m) for _ in range(m)],
-                   [[rng.randrange(len(x)) for _ in x] for x in extra])
-        if math.isfinite(v):
-            vals.append(v)
-    if vals:
-        vals.sort()
-        out["lo"], out["hi"] = _percentile(vals, (1 - level) / 2), _percentile(vals, 1 - (1 - level) / 2)
-    return out
+    return _with_interval(out, lambda rng: reduce([rng.randrange(n) for _ in range(n)],
+                                                  [rng.randrange(m) for _ in range(m)],
+                                                  [[rng.randrange(len(x)) for _ in x] for x in extra]),
+                          n_boot, level, rng_seed)
 
 
 def _mean(xs: Sequence[float]) -> float:
