@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                      "pass the demo's own --steps/--lr/--eval-every/--warmup/--clip")
     if args.probe_seeds:
         budget = replace(budget, probe_seeds=args.probe_seeds)
-    base_budget = replace(budget, probe_seeds=args.base_probe_seeds) if args.base_probe_seeds else budget
+    base_budget = replace(budget, probe_seeds=args.base_probe_seeds) if args.base_probe_seeds else budget.for_base_model()
     base_spec = args.base or meta.get("model_spec") or "embedded"
     copied = _base_from(ap, args.base_from, args.family, base_budget) if args.base_from else None
 

@@ -93,6 +93,7 @@ def _cases(d: Path, out: Path) -> list[tuple[str, list[str], tuple[str, ...]]]:
         ("demo", ["demo", "--model", "tiny", "--arms", "nope", "--out", str(out)], ("'nope'",)),
         ("demo", ["demo", "--model", "tiny", "--seeds", "0", "--out", str(out)], ("--seeds",)),
         ("demo", ["demo", "--model", "tiny", "--probe-seeds", "0", "--out", str(out)], ("--probe-seeds 0",)),
+        ("demo", ["demo", "--model", "tiny", "--base-probe-seeds", "0", "--out", str(out)], ("--base-probe-seeds 0",)),
         ("coverage", ["coverage", "/nonexistent", "a", "b"], ("unrecognized arguments",)),
         ("coverage", ["coverage", "/nonexistent", t, "--model", str(d / "base")], ("/nonexistent",)),
         ("coverage", ["coverage", t, t, "--model", "/nonexistent"], ("/nonexistent",)),
@@ -250,3 +251,7 @@ def test_demo_lr_overrides_the_chosen_regime_only(monkeypatch, tmp_path):
     assert main(["demo", "--model", "tiny", "--probe-seeds", "5", "--out", str(tmp_path)]) == 2
     b = seen["cfg"].budget
     assert b.probe_seeds == 5 and default.probe_seeds == 2 and b.probe_overrides == default.probe_overrides
+    assert b.for_base_model().probe_seeds == 5  # the base model as the checkpoints, unless told otherwise
+    assert main(["demo", "--model", "tiny", "--base-probe-seeds", "8", "--out", str(tmp_path)]) == 2
+    b = seen["cfg"].budget
+    assert (b.probe_seeds, b.probe_seeds_base, b.for_base_model().probe_seeds) == (2, 8, 8)

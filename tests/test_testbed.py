@@ -263,6 +263,27 @@ def test_demo_full_ft_tiny(tmp_path):
     assert "supple/diversity" in keys and "supple/decorrelation" not in keys
 
 
+def test_demo_probes_the_base_model_under_more_probe_seeds(tmp_path, capsys):
+    """--base-probe-seeds: the base model's records carry its own probe seeds, the checkpoints keep --probe-seeds,
+    the shared probe seeds give the base model the values a plain run gives it, and the analysis says that it
+    resampled the base model's values on their own."""
+    from dataclasses import replace
+
+    budget = replace(PRESETS["smoke"], probe_seeds=2, probe_seeds_base=3)
+    res = run_demo(DemoConfig(model="tiny", budget=budget, stages="sft", seeds=[0, 1], arms=["baseline"],
+                              out=str(tmp_path / "more"), progress=False))
+    plain = run_demo(DemoConfig(model="tiny", budget=replace(budget, probe_seeds_base=0), stages="sft",
+                                seeds=[0, 1], arms=["baseline"], out=str(tmp_path / "plain"), progress=False))
+    fam = res["meta"]["families"]["probes"][0]
+    base = next(r for r in res["records"] if r["stage"] == "base")["probes"][fam]
+    base_plain = next(r for r in plain["records"] if r["stage"] == "base")["probes"][fam]
+    last = [r["probes"][fam] for r in res["records"] if r["stage"] == "sft"]
+    assert base["seeds"] == [0, 1, 2] and all(p["seeds"] == [0, 1] for p in last)
+    assert base["per_seed"]["final_loss"][:2] == pytest.approx(base_plain["per_seed"]["final_loss"])
+    assert res["analysis"]["problem"][f"probe {fam}"]["ci"].endswith("(base model: its own 3 probe seeds)")
+    assert "(base model 3)" in (tmp_path / "more" / "summary.md").read_text()
+
+
 def test_stage_registry_is_extensible(tmp_path, monkeypatch):
     """A new stage kind (e.g. GRPO later) is one registration; the pipeline does the rest."""
     from supple.testbed import pipeline as P

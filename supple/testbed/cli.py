@@ -53,6 +53,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--probe-seeds", type=int, default=None,
                    help="probe seeds per checkpoint (default: the preset's, 2): each draws its own probe items, LoRA "
                    "initialization and batch order; more seeds average out the probe's own noise (docs/demo.md)")
+    p.add_argument("--base-probe-seeds", type=int, default=None,
+                   help="probe seeds for the base model (default: as --probe-seeds). It is probed once per run, so "
+                   "more seeds there are cheap; the analysis then resamples them on their own")
     ft = p.add_mutually_exclusive_group()
     ft.add_argument("--full-ft", dest="lora", action="store_false", default=False,
                     help="full fine-tuning stages (default: the baseline loses plasticity by the memorization "
@@ -128,10 +131,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if lrs:
         table = "lr_lora" if args.lora else "lr_full"
         budget = budget_with(budget, **{table: {**getattr(budget, table), **lrs}})
-    if args.probe_seeds is not None:
-        if args.probe_seeds < 1:
-            raise ValueError(f"--probe-seeds {args.probe_seeds}: expected a positive integer, e.g. --probe-seeds 4")
-        budget = budget_with(budget, probe_seeds=args.probe_seeds)
+    for flag, value, field_name in (("--probe-seeds", args.probe_seeds, "probe_seeds"),
+                                    ("--base-probe-seeds", args.base_probe_seeds, "probe_seeds_base")):
+        if value is not None:
+            if value < 1:
+                raise ValueError(f"{flag} {value}: expected a positive integer, e.g. {flag} 4")
+            budget = budget_with(budget, **{field_name: value})
     n_seeds = args.seeds if args.seeds is not None else budget.seeds
     if n_seeds < 1:
         raise ValueError("--seeds must be >= 1")

@@ -235,9 +235,9 @@ def run_demo(cfg: DemoConfig) -> dict:
             fh.write("\n\n".join(corpus) + "\n")
         replay_note = (f"replay corpus: builtin:pydoc without its first {len(plan.geometry_texts)} paragraphs "
                        f"(the general-text measurement texts), {len(corpus)} paragraphs")
-    units_eval = _eval_units(budget, plan)
+    units_eval, units_base = _eval_units(budget, plan), _eval_units(budget.for_base_model(), plan)
     # the base model is measured once (seed-independent); every (seed, arm) trains and measures each stage
-    total = units_eval + len(cfg.seeds) * len(arms) * sum(s.steps + units_eval for s in stages)
+    total = units_base + len(cfg.seeds) * len(arms) * sum(s.steps + units_eval for s in stages)
     # the baseline of every seed first: it says early whether there is a problem to solve
     jobs = [Job(None, None)] + [Job(seed, "baseline") for seed in cfg.seeds if "baseline" in arms]
     jobs += [Job(seed, arm) for arm in arms if arm != "baseline" for seed in cfg.seeds]
@@ -257,13 +257,14 @@ def run_demo(cfg: DemoConfig) -> dict:
             raise ValueError("--report-only: no arm finished every seed")
         jobs = [j for j in jobs if j.arm is None or j.arm in arms]
         todo = []
-    total -= sum(units_eval if j.seed is None else sum(s.steps + units_eval for s in stages)
+    total -= sum(units_base if j.seed is None else sum(s.steps + units_eval for s in stages)
                  for j in jobs if (j.seed, j.arm) in done)
     if cfg.announce:
         cfg.announce(f"plan: {len(arms)} arm(s) [{', '.join(arms)}] x {len(cfg.seeds)} training seed(s) "
                      f"{list(cfg.seeds)} x stages {' -> '.join(f'{s.name} ({s.steps} steps)' for s in stages)}, "
                      f"{'LoRA' if cfg.lora else 'full fine-tuning'}; probes "
-                     f"{budget.describe_probes(plan.probe_families)} x {budget.probe_seeds} probe seeds; {budget.n_eval} held-out "
+                     f"{budget.describe_probes(plan.probe_families)} x {budget.probe_seeds} probe seeds"
+                     f"{f' (base model {budget.probe_seeds_base})' if budget.probe_seeds_base else ''}; {budget.n_eval} held-out "
                      f"items per family; device {device}, {workers} worker process(es) x {run_threads} torch "
                      f"thread(s)")
     bar = tqdm(total=total, desc="supple demo", unit="step", disable=not cfg.progress, dynamic_ncols=True)

@@ -120,7 +120,9 @@ def write_markdown(results: dict, path: str, plots: Sequence[str] = ()) -> str:
         ),
         f"- budget: {b['name']}; batch {b['batch_size']}; seeds {meta['seeds']}; probes (rank {b['probe_rank']}) "
         f"{Budget.from_fields(b).describe_probes(meta['families'].get('probes', [meta['families']['probe']]))}"
-        f" x {b.get('probe_seeds', 1)} probe seeds; {b['n_eval']} held-out items per family",
+        f" x {b.get('probe_seeds', 1)} probe seeds"
+        + (f" (base model {b['probe_seeds_base']})" if b.get("probe_seeds_base") else "")
+        + f"; {b['n_eval']} held-out items per family",
         f"- date: {meta['date']}; machine: {meta.get('machine', '?')}; device: {meta['device']} "
         f"({meta.get('workers', 1)} worker(s) x {meta['torch_threads']} threads); total {meta['total_s'] / 60:.1f} min",
     ]

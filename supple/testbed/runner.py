@@ -131,7 +131,7 @@ def run_job(setup: JobSetup, job: Job, tick: Callable[[int], None], base_model=N
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out: dict[str, Any] = {"records": [], "measure_rows": [], "supple_configs": {}, "notes": []}
     if job.seed is None:
-        ev = evaluate(base_model, tok, plan, budget, 0, "base", tick=tick)
+        ev = evaluate(base_model, tok, plan, budget.for_base_model(), 0, "base", tick=tick)
         out["measure_rows"] = [dict(r, model="base", seed=None, arm=None, stage="base")
                                for r in ev["geometry"]["records"]]
         out["base"] = _strip_records(ev)

@@ -105,6 +105,10 @@ class Budget:
     probe_rank: int = 8
     probe_eval: int = 64
     probe_seeds: int = 2
+    # probe seeds for the base model, 0 = probe_seeds. The base model is probed once per demo, so more seeds there
+    # are cheap, and it is the noisiest checkpoint under the memorization probe; the analysis then resamples its
+    # values on their own (docs/demo.md, "How sure is a probe result")
+    probe_seeds_base: int = 0
     probe_format: str = "plain"  # "plain" (QUESTION\nAnswer: ANSWER) or "chat" (the stages' chat template)
     probe_warmup: int = 0  # linear learning-rate warm-up steps of the probe (0 = none)
     probe_max_grad_norm: float = 0.0  # gradient-norm clipping of the probe (0 = none)
@@ -128,6 +132,10 @@ class Budget:
         """The Budget a run's ``meta.budget`` describes: fields this version does not know are dropped, fields a
         newer version added keep their defaults."""
         return cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
+
+    def for_base_model(self) -> Budget:
+        """This budget as the base model is probed: ``probe_seeds_base`` probe seeds when set."""
+        return replace(self, probe_seeds=self.probe_seeds_base) if self.probe_seeds_base else self
 
     def probe_settings(self, family: str) -> tuple[int, float, int]:
         """``(steps, lr, eval_every)`` of the probe on ``family``: ``probe_overrides[family]`` over the shared ones."""
