@@ -216,7 +216,7 @@ def test_analyze_resamples_probe_seeds_when_records_keep_them():
     assert prob["ci"] == "training and probe seeds" and prob["estimate"] == pytest.approx(0.21)
     # the base model's values 0.2 ∓ 0.4: sample sd sqrt(2 · 0.4² / 1)
     assert prob["noise_sd"] == pytest.approx(math.sqrt(2 * 0.4**2)) and prob["n_probe_base"] == 2
-    assert "(sd 0.566 over 2 probe seeds)" in "\n".join(_problem_lines(an))
+    assert "(sd 0.566 over 2 probe seeds: standard error of their mean 0.400)" in "\n".join(_problem_lines(an))
     assert prob["lo_seeds"] > 0 and prob["lo"] < 0 and not prob["degraded"]  # probe noise: not shown to degrade
     share = an["arms"]["good"]["recovered probe reverse_words"]
     assert share["ci"] == "training and probe seeds" and share["lo"] < share["lo_seeds"]
