@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"reprobe: {len(todo)} checkpoint(s), {args.family} {args.steps} steps @ {args.lr:g}, "
           + (f"base model only, {base_budget.probe_seeds} probe seeds" if args.base_only else
              f"{budget.probe_seeds} probe seeds (base model {base_budget.probe_seeds})")
+          + (f"; the base model's probe copied from {args.base_from}" if copied is not None else "")
           + f", {args.workers} worker(s)", flush=True)
     from supple.testbed.evaluation import summarize_probe_runs
 
