@@ -218,6 +218,13 @@ def test_analyze_resamples_probe_seeds_when_records_keep_them():
     assert prob["noise_sd"] == pytest.approx(math.sqrt(2 * 0.4**2)) and prob["n_probe_base"] == 2
     assert "(sd 0.566 over 2 probe seeds: standard error of their mean 0.400)" in "\n".join(_problem_lines(an))
     assert prob["lo_seeds"] > 0 and prob["lo"] < 0 and not prob["degraded"]  # probe noise: not shown to degrade
+    # the arm against the baseline directly: 0.3 vs 0.4 + 0.01·seed under every probe seed
+    vs = an["arms"]["good"]["probe reverse_words vs baseline"]
+    assert vs["ci"] == "training and probe seeds" and vs["estimate"] == pytest.approx(-0.11) and vs["hi"] < 0
+    from supple.testbed.verdict import format_verdict
+
+    assert "good - baseline on the probes (lower = more plastic): reverse_words -0.110 [" in format_verdict(
+        {"analysis": an})
     share = an["arms"]["good"]["recovered probe reverse_words"]
     assert share["ci"] == "training and probe seeds" and share["lo"] < share["lo_seeds"]
     assert "over training and probe seeds" in "\n".join(_problem_lines(an))

@@ -151,6 +151,13 @@ def analyze(results: dict) -> dict:
                 share = crossed(recovered_share_crossed(base_ps, bl, ar, higher_is_better=False, paired_base=paired),
                                 share, paired, len(base_ps))
             a[f"recovered probe {fam}"] = share
+            # the arm against the baseline directly (arm − baseline, lower = more plastic): paired in training
+            # and probe seeds, and free of the base model, the noisiest checkpoint
+            diff = {**paired_difference(col(arm, last, probe_fn(fam)), col("baseline", last, probe_fn(fam))),
+                    "ci": "training seeds"}
+            if tables is not None:
+                diff = crossed(paired_difference_crossed(ar, bl), diff, True, len(base_ps))  # no base model in it
+            a[f"probe {fam} vs baseline"] = diff
             a[f"probe {fam}"] = _mean_ci(col(arm, last, probe_fn(fam)))
         a["recovered OOD"] = recovered_share(b_ood, col("baseline", last, ood_fn), col(arm, last, ood_fn),
                                              higher_is_better=True)

@@ -58,8 +58,8 @@ def add_parsers(subparsers) -> None:
                    "more seeds there are cheap; the analysis then resamples them on their own")
     ft = p.add_mutually_exclusive_group()
     ft.add_argument("--full-ft", dest="lora", action="store_false", default=False,
-                    help="full fine-tuning stages (default: the baseline loses plasticity by the memorization "
-                    "probe, word_codes; docs/demo.md)")
+                    help="full fine-tuning stages (default: the baseline loses out-of-domain accuracy and forgets "
+                    "the first task; no probe shows a loss of plasticity at this budget; docs/demo.md)")
     ft.add_argument("--lora", dest="lora", action="store_true",
                     help="LoRA stages, each merged before the next (LoRA r16 at CPU budgets shows no loss of plasticity)")
     arms = p.add_mutually_exclusive_group()
@@ -171,7 +171,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ValueError("--threads must be >= 1")
     if args.preset in ("quick", "smoke"):
         print(f"supple demo: --{args.preset} is a first look at the outputs: its stages are too short for the baseline "
-              "to lose plasticity, so it cannot show the problem or its cure (run without --quick for that)",
+              "to degrade, so it cannot show the problem or its cure (run without --quick for that)",
               flush=True)
     results = run_demo(cfg)  # ValueError / FileNotFoundError / EmbeddedModelMissing: the CLI's one-line error, exit 2
     meta = results["meta"]

@@ -107,7 +107,7 @@ class DemoConfig:
     stages: str = "sft,dpo,sft2"
     seeds: Sequence[int] = (0, 1)
     arms: Sequence[str] = MAIN_ARMS
-    lora: bool = False  # full fine-tuning (the baseline loses plasticity: word_codes probe); True: LoRA stages
+    lora: bool = False  # full fine-tuning (the default regime, docs/demo.md); True: LoRA stages
     supple_overrides: dict = field(default_factory=dict)
     out: str | None = "supple-demo"
     progress: bool = True

@@ -78,6 +78,19 @@ def _problem_lines(an: dict) -> list[str]:
     return lines
 
 
+def _versus_lines(an: dict) -> list[str]:
+    """Each arm's probe losses against the baseline's, directly: arm − baseline with its CI (lower = more
+    plastic), which needs no base model."""
+    lines = []
+    for arm, a in an["arms"].items():
+        if arm == "baseline":
+            continue
+        parts = [f"{p} {_ci(a[f'probe {p} vs baseline'], 3)}" for p in an["probes"] if f"probe {p} vs baseline" in a]
+        if parts:
+            lines.append(f"{arm} - baseline on the probes (lower = more plastic): " + ", ".join(parts))
+    return lines
+
+
 def format_verdict(results: dict) -> str:
     """The per-arm table with its legend, and the baseline's degradation (fixed-width text)."""
     an = results.get("analysis") or {}
@@ -87,7 +100,7 @@ def format_verdict(results: dict) -> str:
     widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     out = ["The problem (baseline vs base model, paired over seeds " + str(an["seeds"]) + "):"]
-    out += ["  " + ln for ln in _problem_lines(an)]
+    out += ["  " + ln for ln in _problem_lines(an) + _versus_lines(an)]
     out += ["", fmt(header), "-" * len(fmt(header)), *[fmt(r) for r in rows], ""]
     out += [f"  {ln}" for ln in VERDICT_LEGEND]
     met = [arm for arm, g in an.get("goal", {}).items() if g.get("all")]
@@ -104,7 +117,8 @@ def verdict_markdown(results: dict) -> str:
     header, rows = _rows(an)
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += ["", *[f"- {ln}" for ln in _problem_lines(an)], "", *[f"- {ln}" for ln in VERDICT_LEGEND]]
+    lines += ["", *[f"- {ln}" for ln in _problem_lines(an) + _versus_lines(an)], "",
+              *[f"- {ln}" for ln in VERDICT_LEGEND]]
     return "\n".join(lines)
 
 
