@@ -6,6 +6,10 @@ docs/demo.md, "How sure is a probe result"). ``meta.reanalysis`` records the com
 
     python benchmarks/reanalyze_demo.py docs/demo/main_job            # in place
     python benchmarks/reanalyze_demo.py docs/demo/main_job --out /tmp/main_job_now
+
+``--with DIR`` (repeatable) pools runs of the same settings on disjoint training seeds into one analysis: the
+arms all of them ran, every training seed, and for each probe family the base model's probe with the most probe
+seeds (the runs must agree on the probe seeds they share). The output needs ``--out``.
 """
 
 from __future__ import annotations
@@ -16,15 +20,56 @@ import os
 import sys
 import time
 
+_SAME = ("model", "stages", "families", "lora")
+
+
+def _pool(a: dict, b: dict) -> dict:
+    """Two runs' records as one run on the union of their training seeds (see the module doc)."""
+    differ = [k for k in _SAME if a["meta"].get(k) != b["meta"].get(k)]
+    if differ:
+        raise ValueError(f"the runs differ in {', '.join(differ)}; only runs of the same settings pool")
+    shared = set(a["meta"]["seeds"]) & set(b["meta"]["seeds"])
+    if shared:
+        raise ValueError(f"both runs trained seed(s) {sorted(shared)}; pool runs on disjoint training seeds")
+    arms = [x for x in a["meta"]["arms"] if x in b["meta"]["arms"]]
+    records = [r for r in a["records"] + b["records"] if r["arm"] in arms]
+    base_probes: dict[str, dict] = {}  # per family: the base model's probe with the most probe seeds
+    for r in records:
+        if r["stage"] != "base":
+            continue
+        for fam, p in (r.get("probes") or {}).items():
+            best = base_probes.get(fam)
+            mine = dict(zip(p.get("seeds", []), p["per_seed"]["final_loss"]))
+            if best is not None:
+                theirs = dict(zip(best.get("seeds", []), best["per_seed"]["final_loss"]))
+                if any(abs(mine[k] - theirs[k]) > 1e-9 for k in set(mine) & set(theirs)):
+                    raise ValueError(f"the base model's {fam} probe differs under the same probe seeds")
+            if best is None or len(mine) > len(best.get("seeds", [])):
+                base_probes[fam] = p
+    for r in records:
+        if r["stage"] == "base" and r.get("probes"):
+            r["probes"] = {fam: base_probes[fam] for fam in r["probes"]}
+            r["probe"] = r["probes"].get((r.get("probe") or {}).get("family"), r.get("probe"))
+    meta = {**a["meta"], "seeds": sorted(set(a["meta"]["seeds"]) | set(b["meta"]["seeds"])), "arms": arms}
+    meta["pooled"] = [*a["meta"].get("pooled", [a["meta"].get("command")]), b["meta"].get("command")]
+    meta["notes"] = [*a["meta"].get("notes", []), f"pooled with the run `{b['meta'].get('command')}` (seeds "
+                     f"{b['meta']['seeds']}); the base model's probes are those with the most probe seeds"]
+    return {**a, "meta": meta, "records": records}
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("demo", help="the demo's output directory (its results.json)")
     ap.add_argument("--out", default=None, help="where to write the outputs (default: the demo's directory)")
+    ap.add_argument("--with", dest="others", action="append", default=[], metavar="DIR",
+                    help="pool another run of the same settings on other training seeds (repeatable; needs --out)")
     args = ap.parse_args(argv)
+    if args.others and not args.out:
+        ap.error("--with writes a pooled analysis: pass --out DIR for it")
+    for d in (args.demo, *args.others):
+        if not os.path.isfile(os.path.join(d, "results.json")):
+            ap.error(f"no {os.path.join(d, 'results.json')}: pass a directory that `supple demo --out DIR` wrote")
     path = os.path.join(args.demo, "results.json")
-    if not os.path.isfile(path):
-        ap.error(f"no {path}: pass a directory that `supple demo --out DIR` wrote")
 
     from supple.testbed.analysis import analyze
     from supple.testbed.pipeline import summarize
@@ -33,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
 
     with open(path, encoding="utf-8") as fh:
         results = json.load(fh)
+    for d in args.others:
+        with open(os.path.join(d, "results.json"), encoding="utf-8") as fh:
+            try:
+                results = _pool(results, json.load(fh))
+            except ValueError as exc:
+                ap.error(f"--with {d}: {exc}")
     out = args.out or args.demo
     measure_path = os.path.join(args.demo, "measure_records.json")
     measure_rows = None

@@ -175,3 +175,38 @@ def test_reprobe_base_only_with_more_probe_seeds_then_base_from(demo, tmp_path, 
             _load_reprobe().main(["--demo", str(out), "--models", str(models), "--base", "tiny", "--family", family,
                                   "--steps", "3", "--lr", str(lr), *extra, "--out", str(tmp_path / "bad")])
         assert "other settings" in capsys.readouterr().err
+
+
+def test_reanalyze_pools_runs_on_disjoint_seeds(demo, tmp_path, capsys):
+    """--with: two runs of the same settings on other training seeds become one analysis over both."""
+    from supple.cli import main
+
+    root, out, models, before = demo
+    other = tmp_path / "seed1"
+    assert main(["demo", "--model", "tiny", "--preset", "smoke", "--arms", "baseline,l2_anchor", "--seeds", "1",
+                 "--seed-offset", "1", "--out", str(other), "--no-progress"]) == 0
+    spec = importlib.util.spec_from_file_location("_test_reanalyze_pool", REPO / "benchmarks" / "reanalyze_demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pooled = tmp_path / "pooled"
+    assert mod.main([str(out), "--with", str(other), "--out", str(pooled)]) == 0
+    res = json.loads((pooled / "results.json").read_text())
+    second = json.loads((other / "results.json").read_text())
+    assert res["meta"]["seeds"] == [0, 1] and res["analysis"]["seeds"] == [0, 1]
+    assert len(res["records"]) == len(before["records"]) + len(second["records"])
+    assert {r["seed"] for r in res["records"] if r["stage"] != "base"} == {0, 1}
+    assert any("pooled with the run" in n for n in res["meta"]["notes"])
+    # the same training seed twice, a run of other settings, and no --out are refused
+    for extra, msg in (([str(out), "--with", str(out), "--out", str(tmp_path / "x")], "disjoint training seeds"),
+                       ([str(out), "--with", str(other)], "--out")):
+        with pytest.raises(SystemExit):
+            mod.main(extra)
+        assert msg in capsys.readouterr().err
+    changed = json.loads((other / "results.json").read_text())
+    changed["meta"]["lora"] = not changed["meta"]["lora"]
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "results.json").write_text(json.dumps(changed))
+    with pytest.raises(SystemExit):
+        mod.main([str(out), "--with", str(odd), "--out", str(tmp_path / "y")])
+    assert "differ in lora" in capsys.readouterr().err
