@@ -104,6 +104,7 @@ def main() -> None:
         with open(os.path.join(out, "log.json"), "w") as fh:
             json.dump(logs, fh)
     if sharded:
+        dist.barrier()  # both ranks done writing before the group goes: a rank torn down mid-collective can abort
         dist.destroy_process_group()
 
 
