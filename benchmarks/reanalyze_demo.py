@@ -33,18 +33,17 @@ def _pool(a: dict, b: dict) -> dict:
         raise ValueError(f"both runs trained seed(s) {sorted(shared)}; pool runs on disjoint training seeds")
     arms = [x for x in a["meta"]["arms"] if x in b["meta"]["arms"]]
     records = [r for r in a["records"] + b["records"] if r["arm"] in arms]
+    from supple.testbed.analysis import probe_seed_values, shared_probe_seed_difference
+
     base_probes: dict[str, dict] = {}  # per family: the base model's probe with the most probe seeds
     for r in records:
         if r["stage"] != "base":
             continue
         for fam, p in (r.get("probes") or {}).items():
             best = base_probes.get(fam)
-            mine = dict(zip(p.get("seeds", []), p["per_seed"]["final_loss"]))
-            if best is not None:
-                theirs = dict(zip(best.get("seeds", []), best["per_seed"]["final_loss"]))
-                if any(abs(mine[k] - theirs[k]) > 1e-9 for k in set(mine) & set(theirs)):
-                    raise ValueError(f"the base model's {fam} probe differs under the same probe seeds")
-            if best is None or len(mine) > len(best.get("seeds", [])):
+            if best is not None and (shared_probe_seed_difference(p, best) or 0.0) > 1e-9:
+                raise ValueError(f"the base model's {fam} probe differs under the same probe seeds")
+            if best is None or len(probe_seed_values(p)) > len(probe_seed_values(best)):
                 base_probes[fam] = p
     for r in records:
         if r["stage"] == "base" and r.get("probes"):

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if (args.base_probe_seeds or 1) < 1:
         ap.error("--base-probe-seeds >= 1")
 
-    from supple.testbed.analysis import analyze
+    from supple.testbed.analysis import analyze, shared_probe_seed_difference
     from supple.testbed.pipeline import summarize
     from supple.testbed.report import write_outputs
     from supple.testbed.settings import Budget
@@ -185,14 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.family not in probes:  # a family the demo did not probe: added as the last one
         probes.append(args.family)
     reproduced = None
-    if base_spec in probed:  # the probe seeds the base model had before must give the values recorded then
-        old = (next(r for r in results["records"] if r["stage"] == "base")["probes"].get(args.family) or {})
-        was = dict(zip(old.get("seeds", []), (old.get("per_seed") or {}).get("final_loss", [])))
-        now = dict(zip(probed[base_spec]["seeds"], probed[base_spec]["per_seed"]["final_loss"]))
-        common = sorted(set(was) & set(now))
-        if common and not _probe_differences(recorded, budget, args.family):
-            reproduced = max(abs(was[k] - now[k]) for k in common)
-            print(f"  base model: probe seeds {common} reproduce the recorded values within {reproduced:.2e}")
+    old = next(r for r in results["records"] if r["stage"] == "base")["probes"].get(args.family)
+    if base_spec in probed and old and "per_seed" in old and not _probe_differences(recorded, budget, args.family):
+        # the probe seeds the base model had before must give the values recorded then
+        reproduced = shared_probe_seed_difference(old, probed[base_spec])
+        if reproduced is not None:
+            print(f"  base model: the shared probe seeds reproduce the recorded values within {reproduced:.2e}")
     if copied is not None:
         probed["<base-from>"] = copied
         specs.update({i: "<base-from>" for i, rec in enumerate(results["records"]) if rec["stage"] == "base"})

@@ -26,7 +26,22 @@ from .stats import (
     recovered_share_crossed,
 )
 
-__all__ = ["analyze", "stage_quality_keys"]
+__all__ = ["analyze", "probe_seed_values", "shared_probe_seed_difference", "stage_quality_keys"]
+
+
+def probe_seed_values(probe: dict) -> dict[int, float]:
+    """A probe record's final loss per probe seed (``per_seed.final_loss`` under ``seeds``; records written before
+    ``seeds`` was kept ran probe seeds 0, 1, ...). Raises KeyError when the record kept no per-seed values."""
+    vals = [float(v) for v in probe["per_seed"]["final_loss"]]
+    return dict(zip(probe.get("seeds", range(len(vals))), vals))
+
+
+def shared_probe_seed_difference(a: dict, b: dict) -> float | None:
+    """The largest |difference| between two probe records over the probe seeds both ran (None if they share none):
+    two measurements of one model under one probe seed must agree."""
+    va, vb = probe_seed_values(a), probe_seed_values(b)
+    shared = set(va) & set(vb)
+    return max(abs(va[k] - vb[k]) for k in shared) if shared else None
 
 
 def stage_quality_keys(stage: dict) -> list[tuple[str, Callable[[dict], float]]]:
@@ -80,11 +95,10 @@ def analyze(results: dict) -> dict:
 
     def per_probe_seed(r: dict | None, fam: str) -> tuple[tuple[int, ...], list[float]] | None:
         try:
-            p = r["probes"][fam]
-            vals = [float(v) for v in p["per_seed"]["final_loss"]]
-            return tuple(p.get("seeds", range(len(vals)))), vals
+            vals = probe_seed_values(r["probes"][fam])
         except (KeyError, TypeError):
             return None
+        return tuple(vals), list(vals.values())
 
     def probe_tables(fam: str, *arms_: str) -> tuple[list[float], list[list[list[float]]], bool] | None:
         """The base model's per-probe-seed values, one (training seeds x probe seeds) table per arm, and whether
