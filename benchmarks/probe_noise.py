@@ -4,7 +4,8 @@ Runs the demo's ``word_codes`` probe (a fresh LoRA r8 fitting ``--n`` distinct i
 once per ``--seeds`` value and appends one JSON row per run to ``--out``: the final loss, the area under the eval
 curve and the eval curve (every 20 steps). By default each seed draws its own items, LoRA initialization and batch
 order, as in the demo; ``--fixed-pool P`` keeps the items of probe seed P for every run, so the spread that remains is
-the trajectory's alone. ``--warmup``/``--clip`` tame the first steps (``supple probe --warmup/--max-grad-norm``).
+the trajectory's alone. ``--warmup``/``--clip`` tame the first steps (``supple probe --warmup/--max-grad-norm``); ``--cooldown`` decays the
+learning rate to zero over the last steps (``supple probe --cooldown``).
 
     python benchmarks/probe_noise.py --fixed-pool 0 --tag fixedpool64 --out benchmarks/results/probe_noise.jsonl
     python benchmarks/probe_noise.py --n 256 --model DIR/seed0/baseline/sft2 --tag n256 --out ...
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=0, help="linear warm-up steps (default 0)")
     ap.add_argument("--clip", type=float, default=0.0, help="gradient-norm clipping (default 0 = none)")
+    ap.add_argument("--cooldown", type=int, default=0, help="linear decay to zero over the last N steps (default 0)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="probe seeds (default 0 1 2 3)")
     ap.add_argument("--fixed-pool", type=int, default=None, metavar="P",
                     help="draw every run's items with probe seed P (default: each run its own)")
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.n < 1 or a.steps < 1 or not 0 < a.lr < 1 or a.warmup < 0 or a.clip < 0:
         ap.error("--n >= 1, --steps >= 1, 0 < --lr < 1, --warmup >= 0 and --clip >= 0")
+    if not 0 <= a.cooldown <= a.steps - a.warmup:
+        ap.error("--cooldown between 0 and --steps minus --warmup")
 
     import torch
 
@@ -48,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         train, held = probe_texts("word_codes", a.steps * 4, a.n, pool_seed, "plain", tok)
         r = plasticity_probe(model, tok, train, held, steps=a.steps, lr=a.lr, rank=8, alpha=16.0, batch_size=4,
                              seed=s, eval_every=20, progress=False, warmup_steps=a.warmup,
-                             max_grad_norm=a.clip or None)
-        row = dict(tag=a.tag, model=a.model, n=a.n, steps=a.steps, lr=a.lr, warmup=a.warmup, clip=a.clip, seed=s,
+                             max_grad_norm=a.clip or None, cooldown_steps=a.cooldown)
+        row = dict(tag=a.tag, model=a.model, n=a.n, steps=a.steps, lr=a.lr, warmup=a.warmup, clip=a.clip,
+                   cooldown=a.cooldown, seed=s,
                    pool_seed=pool_seed, final=r["final_loss"], area=r["area"], eval=r["eval_loss"],
                    s=time.time() - t0)
         print(json.dumps(row), flush=True)

@@ -38,7 +38,8 @@ def _probe_one(args: tuple) -> tuple[str, int, dict, float]:
     return spec, seed, run, time.perf_counter() - t0
 
 
-_SAME_PROBE = ("probe_rank", "probe_batch", "probe_eval", "probe_format", "probe_warmup", "probe_max_grad_norm")
+_SAME_PROBE = ("probe_rank", "probe_batch", "probe_eval", "probe_format", "probe_warmup", "probe_max_grad_norm",
+               "probe_cooldown")
 
 
 def _base_from(ap, directory: str, family: str, budget) -> dict:
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe-seeds", type=int, default=None, help="probe seeds per checkpoint (default: the demo's)")
     ap.add_argument("--warmup", type=int, default=0, help="probe learning-rate warm-up steps (default 0)")
     ap.add_argument("--clip", type=float, default=0.0, help="probe gradient-norm clipping (default 0 = none)")
+    ap.add_argument("--cooldown", type=int, default=0,
+                    help="probe learning-rate decay to zero over the last N steps (default 0 = none)")
     ap.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every N steps (default steps/5)")
     ap.add_argument("--workers", type=int, default=1, help="processes, one torch thread each")
     ap.add_argument("--base-probe-seeds", type=int, default=None,
@@ -95,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 1 or not 0 < args.lr < 1 or args.workers < 1 or (args.probe_seeds or 1) < 1:
         ap.error("--steps >= 1, 0 < --lr < 1, --workers >= 1 and --probe-seeds >= 1")
-    if args.warmup < 0 or args.clip < 0:
-        ap.error("--warmup >= 0 and --clip >= 0 (0 = off)")
+    if args.warmup < 0 or args.clip < 0 or args.cooldown < 0:
+        ap.error("--warmup >= 0, --clip >= 0 and --cooldown >= 0 (0 = off)")
+    if args.cooldown > args.steps - args.warmup:
+        ap.error(f"--cooldown {args.cooldown}: at most --steps minus --warmup ({args.steps - args.warmup})")
     if (args.base_probe_seeds or 1) < 1:
         ap.error("--base-probe-seeds >= 1")
 
@@ -118,13 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         meta["arms"] = [a for a in meta["arms"] if a in keep]
         results["records"] = [r for r in results["records"] if r["arm"] in keep]
     recorded = Budget.from_fields(meta["budget"])
-    budget = replace(recorded, probe_warmup=args.warmup, probe_max_grad_norm=args.clip)
+    budget = replace(recorded, probe_warmup=args.warmup, probe_max_grad_norm=args.clip, probe_cooldown=args.cooldown)
     budget = budget.with_probe(args.family, args.steps, args.lr, args.eval_every)
     if args.base_only:  # the base model must be probed as the checkpoints were
         differ = _probe_differences(recorded, budget, args.family)
         if differ:
             ap.error(f"--base-only: the checkpoints' {args.family} probe ran other settings ({', '.join(differ)}); "
-                     "pass the demo's own --steps/--lr/--eval-every/--warmup/--clip")
+                     "pass the demo's own --steps/--lr/--eval-every/--warmup/--clip/--cooldown")
     if args.probe_seeds:
         budget = replace(budget, probe_seeds=args.probe_seeds)
     base_budget = replace(budget, probe_seeds=args.base_probe_seeds) if args.base_probe_seeds else budget.for_base_model()
@@ -206,12 +211,14 @@ def main(argv: list[str] | None = None) -> int:
                        "base_reproduced_within": reproduced, "probe_rank": budget.probe_rank,
                        "probe_batch": budget.probe_batch, "probe_format": budget.probe_format,
                        "probe_warmup": budget.probe_warmup, "probe_max_grad_norm": budget.probe_max_grad_norm,
+                       "probe_cooldown": budget.probe_cooldown,
                        "checkpoints": len(todo), "seconds": time.perf_counter() - t0,
                        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                        "command": "python benchmarks/reprobe_demo.py " + " ".join(argv or sys.argv[1:])}
     meta.setdefault("notes", []).append(
         f"probe {args.family} re-measured on the saved checkpoints: {args.steps} steps @ lr {args.lr:g}"
-        + (f", warm-up {args.warmup}" if args.warmup else "") + (f", clip {args.clip:g}" if args.clip else "") + " "
+        + (f", warm-up {args.warmup}" if args.warmup else "") + (f", clip {args.clip:g}" if args.clip else "")
+        + (f", cool-down {args.cooldown}" if args.cooldown else "") + " "
         "(benchmarks/reprobe_demo.py); the other probe families keep the run's own settings")
     results["summary"] = summarize(results["records"])
     results["analysis"] = analyze(results)

@@ -278,10 +278,18 @@ def test_probe_warmup_and_clipping(tok, monkeypatch):
         plasticity_probe(make_tiny_llama(tok), tok, train, held, warmup_steps=-1, **kw)
     with pytest.raises(ValueError, match="max_grad_norm must be"):
         plasticity_probe(make_tiny_llama(tok), tok, train, held, max_grad_norm=0.0, **kw)
+    seen[:] = []
+    cooled = plasticity_probe(make_tiny_llama(tok), tok, train, held, warmup_steps=2, cooldown_steps=3, **kw)
+    # steps 1-2 warm up (k/2), 3 holds, 4-6 decay as (6 - k + 1) / 4: 3/4, 2/4, 1/4
+    assert [lr for lr, _ in seen] == pytest.approx([1e-2 * f for f in (0.5, 1.0, 1.0, 0.75, 0.5, 0.25)])
+    assert cooled["cooldown_steps"] == 3 and plain["cooldown_steps"] == 0
+    for bad in (-1, 5):  # 5 > steps - warmup_steps = 4
+        with pytest.raises(ValueError, match="cooldown_steps must be between 0"):
+            plasticity_probe(make_tiny_llama(tok), tok, train, held, warmup_steps=2, cooldown_steps=bad, **kw)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def test_cli_measure_and_probe_write_every_file(tok, tmp_path):
+def test_cli_measure_and_probe_write_every_file(tok, tmp_path, capsys):
     from supple.cli import main
 
     base = tmp_path / "base"
@@ -401,6 +409,11 @@ def test_cli_measure_and_probe_write_every_file(tok, tmp_path):
     with pytest.raises(SystemExit) as err:  # argparse's one-line error
         main(["probe", str(base), "--warmup", "-1", "--device", "cpu"])
     assert err.value.code == 2
+    capsys.readouterr()  # drop what the runs above printed
+    rc = main(["probe", str(base), "--steps", "4", "--warmup", "2", "--cooldown", "3", "--device", "cpu"])
+    assert rc == 2  # refused before the model loads: one line, no traceback
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "supple probe: error: --cooldown 3 must be at most --steps minus --warmup (2)"]
 
 
 @pytest.mark.slow

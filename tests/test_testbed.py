@@ -282,6 +282,18 @@ def test_demo_probes_the_base_model_under_more_probe_seeds(tmp_path, capsys):
     assert base["per_seed"]["final_loss"][:2] == pytest.approx(base_plain["per_seed"]["final_loss"])
     assert res["analysis"]["problem"][f"probe {fam}"]["ci"].endswith("(base model: its own 3 probe seeds)")
     assert "(base model 3)" in (tmp_path / "more" / "summary.md").read_text()
+    # --resume with more base-model probe seeds reruns the base model's job only: the (seed, arm) jobs' journal
+    # lines stay and one base-model line is added
+    journal = tmp_path / "plain" / "jobs.jsonl"
+    before = journal.read_text().splitlines()
+    resumed = run_demo(DemoConfig(model="tiny", budget=budget, stages="sft", seeds=[0, 1], arms=["baseline"],
+                                  out=str(tmp_path / "plain"), progress=False, resume=True))
+    after = journal.read_text().splitlines()
+    assert after[:len(before)] == before and len(after) == len(before) + 1
+    assert json.loads(after[-1])["seed"] is None
+    again = next(r for r in resumed["records"] if r["stage"] == "base")["probes"][fam]
+    assert again["per_seed"]["final_loss"] == pytest.approx(base["per_seed"]["final_loss"])
+    assert [r["probes"][fam] for r in resumed["records"] if r["stage"] == "sft"] == last
 
 
 def test_stage_registry_is_extensible(tmp_path, monkeypatch):

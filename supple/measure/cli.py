@@ -120,6 +120,8 @@ def add_parsers(subparsers) -> None:
         "--eval-every", type=at_least(1), default=None, help="held-out evaluation interval (default steps/10)"
     )
     p.add_argument("--warmup", type=at_least(0), default=0, help="linear learning-rate warm-up steps (default 0)")
+    p.add_argument("--cooldown", type=at_least(0), default=0,
+                   help="decay the learning rate linearly to zero over the last N steps (default 0 = constant)")
     p.add_argument("--max-grad-norm", type=positive_float, default=None,
                    help="clip the LoRA gradient norm to this before each step (default: no clipping)")
     _common(p)
@@ -229,6 +231,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from .models import load_model
     from .probe import load_probe_task, plasticity_probe
 
+    if args.cooldown and args.cooldown > args.steps - args.warmup:
+        raise ValueError(f"--cooldown {args.cooldown} must be at most --steps minus --warmup "
+                         f"({args.steps - args.warmup})")
     _quiet_loading(args)
     train, held = load_probe_task(
         args.task, n_train=args.n_train, n_eval=args.n_eval, data_seed=args.data_seed
@@ -262,6 +267,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
                 warmup_steps=args.warmup,
                 max_grad_norm=args.max_grad_norm,
+                cooldown_steps=args.cooldown,
             )
             res["task"] = args.task
             results.append(res)

@@ -192,6 +192,14 @@ def _area(steps: Sequence[int], losses: Sequence[float]) -> float:
     return area / (steps[-1] - steps[0])
 
 
+def _lr_factor(step: int, steps: int, warmup: int, cooldown: int) -> float:
+    """The probe's learning-rate multiplier at ``step`` (1-based): linear warm-up, hold, linear decay."""
+    factor = min(1.0, step / warmup) if warmup else 1.0
+    if cooldown:
+        factor *= min(1.0, (steps - step + 1) / (cooldown + 1))
+    return factor
+
+
 def plasticity_probe(
     model,
     tokenizer,
@@ -211,6 +219,7 @@ def plasticity_probe(
     progress: bool = True,
     warmup_steps: int = 0,
     max_grad_norm: float | None = None,
+    cooldown_steps: int = 0,
 ) -> dict:
     """Train a fresh LoRA on ``train_texts`` for ``steps`` AdamW steps; report the held-out loss curve.
 
@@ -226,6 +235,9 @@ def plasticity_probe(
     ``warmup_steps`` ramps the learning rate linearly, ``lr·k/warmup_steps`` at step k ≤ warmup_steps, then
     holds it; ``max_grad_norm`` clips the LoRA parameters' total gradient norm before each step. Both tame a
     fast probe (a high ``lr``) whose first steps can overshoot; the defaults (0, None) leave the optimizer as is.
+    ``cooldown_steps`` decays the learning rate linearly over the last steps, ``lr·(steps − k + 1)/(cooldown_steps
+    + 1)`` at step k > steps − cooldown_steps, so the final loss is read off a settled LoRA rather than the last
+    few batches' updates (a warm-up-stable-decay schedule with both set).
     """
     from peft import LoraConfig, PeftModel, get_peft_model
     from tqdm.auto import tqdm
@@ -236,6 +248,11 @@ def plasticity_probe(
         raise ValueError(f"warmup_steps must be ≥ 0 (0 = no warm-up), got {warmup_steps}")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 or None (no clipping), got {max_grad_norm}")
+    if cooldown_steps < 0 or (cooldown_steps and cooldown_steps > steps - warmup_steps):
+        raise ValueError(
+            f"cooldown_steps must be between 0 (no decay) and steps - warmup_steps = {steps - warmup_steps}, "
+            f"got {cooldown_steps}"
+        )
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
     model = unwrap_model(model)
@@ -275,9 +292,9 @@ def plasticity_probe(
                 loss.backward()
                 if max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                if warmup_steps:
+                if warmup_steps or cooldown_steps:
                     for group in opt.param_groups:
-                        group["lr"] = lr * min(1.0, step / warmup_steps)
+                        group["lr"] = lr * _lr_factor(step, steps, warmup_steps, cooldown_steps)
                 opt.step()
                 train_curve.append(float(loss.detach()))
                 if step % eval_every == 0 or step == steps:
@@ -300,6 +317,7 @@ def plasticity_probe(
         "batch_size": batch_size,
         "warmup_steps": warmup_steps,
         "max_grad_norm": max_grad_norm,
+        "cooldown_steps": cooldown_steps,
         "train_texts": len(train),
         "eval_texts": len(held),
         "train_loss": train_curve,

@@ -218,6 +218,7 @@ def probe_runs(model, tok, family: str, budget: Budget, name: str, seeds: Sequen
             alpha=2.0 * budget.probe_rank, batch_size=budget.probe_batch, seed=ps,
             eval_every=eval_every, name=f"{name} {family}", progress=False,
             warmup_steps=budget.probe_warmup, max_grad_norm=budget.probe_max_grad_norm or None,
+            cooldown_steps=budget.probe_cooldown,
         ))
     return runs
 

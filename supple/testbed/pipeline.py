@@ -336,17 +336,25 @@ _LEGACY_PROBES = ("reverse_words", "number_words")  # the probe families before 
 class _Journal:
     """Finished jobs, one JSON line each, in ``out/jobs.jsonl``: an interrupted demo loses nothing finished, and
     ``--resume`` reruns only what is missing. A line counts only for the same model, budget, stages, regime and
-    supple overrides (its ``signature``)."""
+    supple overrides (its ``signature``). The base-model job is signed with the probe seeds it runs
+    (``Budget.for_base_model``) and the (seed, arm) jobs without ``probe_seeds_base``, so changing
+    ``--base-probe-seeds`` under ``--resume`` reruns the base model only."""
 
     def __init__(self, cfg: DemoConfig, stages: list[Stage]) -> None:
         self.path = os.path.join(cfg.out, "jobs.jsonl") if cfg.out else None
-        self.signature = json.dumps({"model": cfg.model, "budget": asdict(cfg.budget),
-                                     "stages": [asdict(s) for s in stages], "lora": cfg.lora,
-                                     "supple": cfg.supple_overrides, "defaults": SUPPLE_ARM_DEFAULTS,
-                                     "probes": list(T.PROBE_FAMILIES)},
-                                    sort_keys=True, default=str)
+        rest = {"model": cfg.model, "stages": [asdict(s) for s in stages], "lora": cfg.lora,
+                "supple": cfg.supple_overrides, "defaults": SUPPLE_ARM_DEFAULTS, "probes": list(T.PROBE_FAMILIES)}
+
+        def sign(budget: Budget) -> str:
+            return json.dumps({**rest, "budget": asdict(replace(budget, probe_seeds_base=0))}, sort_keys=True,
+                              default=str)
+
+        self.base_signature, self.signature = sign(cfg.budget.for_base_model()), sign(cfg.budget)
         if self.path and not cfg.resume and os.path.exists(self.path):
             os.remove(self.path)
+
+    def _signature_for(self, seed: int | None) -> str:
+        return self.base_signature if seed is None else self.signature
 
     def load(self) -> dict[tuple, dict]:
         out: dict[tuple, dict] = {}
@@ -358,16 +366,18 @@ class _Journal:
                     row = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by an interruption
                     continue
-                if row.get("signature") == self.signature or self._compatible(row.get("signature")):
+                ours = self._signature_for(row.get("seed"))
+                if row.get("signature") == ours or self._compatible(row.get("signature"), ours):
                     out[(row["seed"], row["arm"])] = row["out"]
         return out
 
-    def _compatible(self, stored: str | None) -> bool:
+    @staticmethod
+    def _compatible(stored: str | None, ours: str) -> bool:
         """Same settings, written before a newer version added budget fields: a field missing from the stored
         signature matches when this run uses its default value."""
         if not stored:
             return False
-        old, new = json.loads(stored), json.loads(self.signature)
+        old, new = json.loads(stored), json.loads(ours)
         defaults = json.loads(json.dumps(asdict(Budget()), default=str))
         ob, nb = old.pop("budget", {}), new.pop("budget", {})
         old.setdefault("probes", list(_LEGACY_PROBES))  # journals written before the probes were signed
@@ -379,7 +389,7 @@ class _Journal:
         if not self.path:
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        line = json.dumps({"signature": self.signature, "seed": job.seed, "arm": job.arm, "out": out},
+        line = json.dumps({"signature": self._signature_for(job.seed), "seed": job.seed, "arm": job.arm, "out": out},
                           default=lambda o: o.item() if hasattr(o, "item") else str(o))
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")

@@ -112,6 +112,7 @@ class Budget:
     probe_format: str = "plain"  # "plain" (QUESTION\nAnswer: ANSWER) or "chat" (the stages' chat template)
     probe_warmup: int = 0  # linear learning-rate warm-up steps of the probe (0 = none)
     probe_max_grad_norm: float = 0.0  # gradient-norm clipping of the probe (0 = none)
+    probe_cooldown: int = 0  # linear learning-rate decay to zero over the probe's last steps (0 = none)
     probe_every_stage: bool = False  # True: probe after every stage (default: the base model and the last stage)
     # per-family probe settings that replace probe_steps / probe_lr / probe_eval_every for that family: a
     # memorization family (tasks.WordCodes) needs more, faster steps than the transfer families to be mid-curve
