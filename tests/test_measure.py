@@ -246,6 +246,7 @@ def test_probe_is_deterministic_and_learns(tok):
     assert r1["improvement"] == pytest.approx(r1["start_loss"] - r1["final_loss"])
     assert r1["improvement"] > 0
     assert min(r1["eval_loss"]) <= r1["area"] <= max(r1["eval_loss"])
+    assert r1["tail_loss"] == pytest.approx((r1["eval_loss"][1] + r1["eval_loss"][2]) / 2)  # steps 2 and 4 of 4
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
 

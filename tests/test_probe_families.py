@@ -98,3 +98,22 @@ def test_builtin_codes_probe_task_is_scored_on_its_training_items():
         assert not {p for p, _ in tr} & {p for p, _ in he}
     finally:
         PROBE_TASKS.pop("codes_heldout")
+
+
+def test_summarize_probe_runs_keeps_every_probe_seeds_values_and_curve():
+    """Means over probe seeds, per-seed values and held-out curves in the order of ``seeds``, max - min spread."""
+    from supple.testbed.evaluation import summarize_probe_runs
+
+    def run(final, curve):
+        return dict(start_loss=curve[0], final_loss=final, tail_loss=(curve[1] + final) / 2, improvement=curve[0] - final,
+                    relative_improvement=(curve[0] - final) / curve[0], area=2.0, train_area=1.0,
+                    eval_steps=[0, 5, 10], eval_loss=curve, train_loss=[1.0] * 10)
+
+    runs = [run(1.0, [4.0, 2.0, 1.0]), run(2.0, [6.0, 3.0, 2.0])]
+    out = summarize_probe_runs("word_codes", [7, 3], runs)
+    assert out["seeds"] == [7, 3] and out["final_loss"] == 1.5 and out["tail_loss"] == pytest.approx(2.0)
+    assert out["per_seed"]["final_loss"] == [1.0, 2.0] and out["per_seed"]["tail_loss"] == [1.5, 2.5]
+    assert out["per_seed"]["eval_loss"] == [[4.0, 2.0, 1.0], [6.0, 3.0, 2.0]]
+    assert out["eval_loss"] == [5.0, 2.5, 1.5] and out["final_loss_spread"] == 1.0
+    with pytest.raises(ValueError, match="one run per probe seed"):
+        summarize_probe_runs("word_codes", [0], runs)

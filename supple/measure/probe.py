@@ -184,6 +184,13 @@ def _eval_loss(model, seqs, pad_id, device, batch_size) -> float:
     return total / max(count, 1)
 
 
+def _tail(steps: Sequence[int], losses: Sequence[float], total: int) -> float:
+    """Mean held-out loss over the evaluations in the second half of training (step ≥ total/2): the final loss
+    averaged over a stretch of the trajectory rather than read at its last step."""
+    tail = [x for s, x in zip(steps, losses) if 2 * s >= total]
+    return sum(tail) / len(tail)
+
+
 def _area(steps: Sequence[int], losses: Sequence[float]) -> float:
     """Trapezoidal area under the loss curve divided by its step span: the mean loss over training."""
     if len(steps) < 2:
@@ -227,7 +234,8 @@ def plasticity_probe(
     ``eval_loss`` (held-out token-mean loss at step 0, every ``eval_every`` steps and at the end),
     ``start_loss``, ``final_loss``, ``improvement`` = start − final, ``relative_improvement`` =
     improvement / start, ``area`` (mean held-out loss over training: trapezoidal area under the eval
-    curve / steps; lower = learns faster) and ``train_area`` (mean training loss), plus the settings.
+    curve / steps; lower = learns faster), ``tail_loss`` (mean held-out loss of the evaluations at step ≥ steps/2)
+    and ``train_area`` (mean training loss), plus the settings.
 
     The LoRA is injected into ``model`` and removed again at the end (``unload``), so the base weights
     are unchanged; a PEFT model is first merged (``merge_and_unload``) and comes back merged.
@@ -328,5 +336,6 @@ def plasticity_probe(
         "improvement": start - final,
         "relative_improvement": (start - final) / start if start and math.isfinite(start) else float("nan"),
         "area": _area(eval_steps, eval_curve),
+        "tail_loss": _tail(eval_steps, eval_curve, steps),
         "train_area": sum(train_curve) / len(train_curve),
     }

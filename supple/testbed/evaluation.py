@@ -199,7 +199,7 @@ def geometry_metrics(model, tok, texts: Sequence[str], max_tokens: int, max_leng
     return out
 
 
-_PROBE_KEYS = ("start_loss", "final_loss", "improvement", "relative_improvement", "area", "train_area")
+_PROBE_KEYS = ("start_loss", "final_loss", "tail_loss", "improvement", "relative_improvement", "area", "train_area")
 
 
 def probe_runs(model, tok, family: str, budget: Budget, name: str, seeds: Sequence[int]) -> list[dict]:
@@ -224,14 +224,15 @@ def probe_runs(model, tok, family: str, budget: Budget, name: str, seeds: Sequen
 
 
 def summarize_probe_runs(family: str, seeds: Sequence[int], runs: Sequence[dict]) -> dict:
-    """The mean over probe seeds of each scalar (``final_loss``, ...), the per-seed values (``per_seed``), the
+    """The mean over probe seeds of each scalar (``final_loss``, ...), the per-seed values and held-out curves
+    (``per_seed``: lists in the order of ``seeds``), the
     probe's own noise (``final_loss_spread``: max − min over probe seeds) and the mean held-out curve."""
     if len(seeds) != len(runs) or not runs:
         raise ValueError(f"one run per probe seed: {len(seeds)} seeds, {len(runs)} runs")
     out: dict[str, Any] = {"family": family, "seeds": list(seeds)}
     for k in _PROBE_KEYS:
         out[k] = sum(r[k] for r in runs) / len(runs)
-    out["per_seed"] = {k: [r[k] for r in runs] for k in ("start_loss", "final_loss", "area")}
+    out["per_seed"] = {k: [r[k] for r in runs] for k in ("start_loss", "final_loss", "tail_loss", "area", "eval_loss")}
     out["final_loss_spread"] = max(out["per_seed"]["final_loss"]) - min(out["per_seed"]["final_loss"])
     out["eval_steps"] = runs[0]["eval_steps"]
     out["eval_loss"] = [sum(c) / len(c) for c in zip(*(r["eval_loss"] for r in runs))]
