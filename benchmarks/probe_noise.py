@@ -9,6 +9,7 @@ learning rate to zero over the last steps (``supple probe --cooldown``).
 
     python benchmarks/probe_noise.py --fixed-pool 0 --tag fixedpool64 --out benchmarks/results/probe_noise.jsonl
     python benchmarks/probe_noise.py --n 256 --model DIR/seed0/baseline/sft2 --tag n256 --out ...
+    python benchmarks/probe_noise.py --summary benchmarks/results/probe_noise_2026-12-01.jsonl
 """
 
 from __future__ import annotations
@@ -16,6 +17,29 @@ from __future__ import annotations
 import argparse
 import json
 import time
+
+
+def summarize(path: str) -> str:
+    """Per (tag, model): runs, the final loss and the tail loss (``supple.measure.probe.tail_loss``, from the
+    stored eval curve) as mean and sd over the rows."""
+    import statistics
+
+    from supple.measure.probe import tail_loss
+
+    groups: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            r = json.loads(line)
+            at = list(range(0, r["steps"], 20)) + [r["steps"]]  # this script evaluates every 20 steps and at the end
+            groups.setdefault((r["tag"], r["model"]), []).append((r["final"], tail_loss(at, r["eval"], r["steps"])))
+    out = ["| tag | model | runs | final loss mean (sd) | tail loss mean (sd) |", "|---|---|---:|---:|---:|"]
+    for (tag, model), vals in groups.items():
+        cells = []
+        for xs in zip(*vals):
+            sd = statistics.stdev(xs) if len(xs) > 1 else float("nan")
+            cells.append(f"{statistics.mean(xs):.3f} ({sd:.3f})")
+        out.append(f"| {tag} | {model} | {len(vals)} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +56,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="draw every run's items with probe seed P (default: each run its own)")
     ap.add_argument("--tag", default="", help="a label copied into every row")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", required=True, help="JSON lines file to append the rows to")
+    ap.add_argument("--out", default=None, help="JSON lines file to append the rows to")
+    ap.add_argument("--summary", default=None, metavar="FILE",
+                    help="run nothing: print each tag's mean and sd over its rows of the final and tail loss")
     a = ap.parse_args(argv)
+    if a.summary:
+        print(summarize(a.summary))
+        return 0
+    if not a.out:
+        ap.error("--out is required (or --summary FILE)")
     if a.n < 1 or a.steps < 1 or not 0 < a.lr < 1 or a.warmup < 0 or a.clip < 0:
         ap.error("--n >= 1, --steps >= 1, 0 < --lr < 1, --warmup >= 0 and --clip >= 0")
     if not 0 <= a.cooldown <= a.steps - a.warmup:

@@ -45,3 +45,20 @@ def test_probe_noise_fixed_pool_keeps_the_items_and_varies_the_trajectory(tmp_pa
     assert rows[1]["final"] != rows[0]["final"] and len(rows[0]["eval"]) == 2  # step 0 and the last step
     with pytest.raises(SystemExit):
         mod.main([*common, "--n", "0"])
+
+
+def test_probe_noise_summary_reads_final_and_tail_loss_per_tag(tmp_path, capsys):
+    """--summary: per (tag, model) the mean and sd of the final loss and of the tail loss, the mean of the
+    evaluations at step >= steps/2 (the script evaluates every 20 steps and at the end)."""
+    spec = importlib.util.spec_from_file_location("_probe_noise_s", REPO / "benchmarks" / "probe_noise.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = tmp_path / "rows.jsonl"
+    # 50 steps: evaluations at 0, 20, 40, 50; the tail is steps 40 and 50
+    rows.write_text("\n".join(json.dumps(dict(tag="a", model="m", steps=50, final=f, eval=[9.0, 5.0, t, f]))
+                              for f, t in ((1.0, 3.0), (3.0, 5.0))) + "\n")
+    assert mod.main(["--summary", str(rows)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == "| a | m | 2 | 2.000 (1.414) | 3.000 (1.414) |"
+    with pytest.raises(SystemExit):  # neither --out nor --summary
+        mod.main(["--model", "tiny"])

@@ -184,7 +184,7 @@ def _eval_loss(model, seqs, pad_id, device, batch_size) -> float:
     return total / max(count, 1)
 
 
-def _tail(steps: Sequence[int], losses: Sequence[float], total: int) -> float:
+def tail_loss(steps: Sequence[int], losses: Sequence[float], total: int) -> float:
     """Mean held-out loss over the evaluations in the second half of training (step ≥ total/2): the final loss
     averaged over a stretch of the trajectory rather than read at its last step."""
     tail = [x for s, x in zip(steps, losses) if 2 * s >= total]
@@ -336,6 +336,6 @@ def plasticity_probe(
         "improvement": start - final,
         "relative_improvement": (start - final) / start if start and math.isfinite(start) else float("nan"),
         "area": _area(eval_steps, eval_curve),
-        "tail_loss": _tail(eval_steps, eval_curve, steps),
+        "tail_loss": tail_loss(eval_steps, eval_curve, steps),
         "train_area": sum(train_curve) / len(train_curve),
     }
