@@ -60,6 +60,28 @@ def _base_from(ap, directory: str, family: str, budget) -> dict:
     return base["probes"][family]
 
 
+def _reusable(ap, directory: str, family: str, budget) -> dict[tuple, dict]:
+    """Another re-probe's ``family`` probe records by (seed, arm, stage), if it ran the same probe settings."""
+    from supple.testbed.settings import Budget
+
+    path = os.path.join(directory, "results.json")
+    if not os.path.isfile(path):
+        ap.error(f"--reuse: no {path}")
+    with open(path, encoding="utf-8") as fh:
+        other = json.load(fh)
+    differ = _probe_differences(Budget.from_fields(other["meta"]["budget"]), budget, family)
+    if differ:
+        ap.error(f"--reuse: {path} probed with other settings ({', '.join(differ)})")
+    return {_reuse_key(r): r["probes"][family] for r in other["records"]
+            if family in (r.get("probes") or {}) and "seeds" in r["probes"][family]}
+
+
+def _reuse_key(rec: dict) -> str:
+    """What a probe record measured: the base model (one model, whatever the record's seed and arm) or a
+    (training seed, arm, stage) checkpoint."""
+    return "base model" if rec["stage"] == "base" else f"seed {rec['seed']} {rec['arm']} {rec['stage']}"
+
+
 def _probe_differences(theirs, ours, family: str) -> list[str]:
     """The probe settings on ``family`` in which two budgets differ (the probe seeds aside)."""
     differ = [f"{k} {getattr(theirs, k)} vs {getattr(ours, k)}" for k in _SAME_PROBE
@@ -93,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-from", default=None, metavar="DIR",
                     help="take the base model's --family probe from another demo's (or re-probe's) results.json in DIR "
                     "instead of probing it again; its probe settings must equal these")
+    ap.add_argument("--reuse", default=None, metavar="DIR",
+                    help="take the --family probe of every checkpoint (and the base model) that another re-probe's "
+                    "results.json in DIR measured with these settings and probe seeds, matched by training seed, arm "
+                    "and stage; probe only the rest (e.g. after adding an arm to a demo with --resume)")
     ap.add_argument("--arms", default=None, help="comma-separated arms to keep (default: all of the demo's)")
     ap.add_argument("--out", required=True, help="where to write the re-measured demo outputs")
     args = ap.parse_args(argv)
@@ -135,13 +161,21 @@ def main(argv: list[str] | None = None) -> int:
     base_budget = replace(budget, probe_seeds=args.base_probe_seeds) if args.base_probe_seeds else budget.for_base_model()
     base_spec = args.base or meta.get("model_spec") or "embedded"
     copied = _base_from(ap, args.base_from, args.family, base_budget) if args.base_from else None
+    reusable = _reusable(ap, args.reuse, args.family, budget) if args.reuse else {}
+    reused: dict[str, dict] = {}  # spec -> the probe record taken from --reuse
 
     # which checkpoint each probed record needs: the base model once, every probed (seed, arm, stage)
     specs: dict[int, str] = {}
     for i, rec in enumerate(results["records"]):
         if not rec.get("probes"):  # not a probed checkpoint
             continue
-        if rec["stage"] == "base":
+        old_probe = reusable.get(_reuse_key(rec))
+        wanted = (base_budget if rec["stage"] == "base" else budget).probe_seeds
+        if old_probe is not None and old_probe["seeds"] == list(range(wanted)) and not (
+                rec["stage"] == "base" and copied is not None):
+            specs[i] = f"<reuse> {_reuse_key(rec)}"
+            reused[specs[i]] = old_probe
+        elif rec["stage"] == "base":
             if copied is None:
                 specs[i] = base_spec
         elif args.base_only:
@@ -152,11 +186,12 @@ def main(argv: list[str] | None = None) -> int:
             if not os.path.isdir(path):
                 ap.error(f"no checkpoint {path}: was the demo run with --save-models {args.models}?")
             specs[i] = path
-    todo = list(dict.fromkeys(specs.values()))
+    todo = [s for s in dict.fromkeys(specs.values()) if s not in reused]
     print(f"reprobe: {len(todo)} checkpoint(s), {args.family} {args.steps} steps @ {args.lr:g}, "
           + (f"base model only, {base_budget.probe_seeds} probe seeds" if args.base_only else
              f"{budget.probe_seeds} probe seeds (base model {base_budget.probe_seeds})")
           + (f"; the base model's probe copied from {args.base_from}" if copied is not None else "")
+          + (f"; {len(set(reused))} record(s) reused from {args.reuse}" if reused else "")
           + f", {args.workers} worker(s)", flush=True)
     from supple.testbed.evaluation import summarize_probe_runs
 
@@ -168,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     runs: dict[str, dict[int, dict]] = {spec: {} for spec in todo}
     seconds: dict[str, float] = dict.fromkeys(todo, 0.0)
-    probed: dict[str, dict] = {}
+    probed: dict[str, dict] = dict(reused)
     with contextlib.ExitStack() as stack:
         if args.workers == 1:
             done = map(_probe_one, jobs)
@@ -208,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["reprobe"] = {"family": args.family, "probe_steps": args.steps, "probe_lr": args.lr,
                        "probe_seeds": budget.probe_seeds, "base_probe_seeds": base_budget.probe_seeds,
                        "base_only": args.base_only, "base_from": args.base_from,
+                       "reuse": args.reuse, "reused": len(set(reused)),
                        "base_reproduced_within": reproduced, "probe_rank": budget.probe_rank,
                        "probe_batch": budget.probe_batch, "probe_format": budget.probe_format,
                        "probe_warmup": budget.probe_warmup, "probe_max_grad_norm": budget.probe_max_grad_norm,

@@ -210,3 +210,37 @@ def test_reanalyze_pools_runs_on_disjoint_seeds(demo, tmp_path, capsys):
     with pytest.raises(SystemExit):
         mod.main([str(out), "--with", str(odd), "--out", str(tmp_path / "y")])
     assert "differ in lora" in capsys.readouterr().err
+
+
+def test_reprobe_reuse_probes_only_what_another_reprobe_lacks(demo, tmp_path, capsys):
+    """--reuse DIR: the base model and the checkpoints another re-probe measured with the same settings and probe
+    seeds are copied; only the rest is probed, and it equals what a full re-probe measures. Other settings are
+    refused."""
+    root, out, models, before = demo
+    family = "word_codes"
+    common = ["--demo", str(out), "--models", str(models), "--base", "tiny", "--family", family, "--steps", "3",
+              "--lr", "1e-3", "--probe-seeds", "2"]
+    part, full, both = tmp_path / "part", tmp_path / "full", tmp_path / "both"
+    assert _load_reprobe().main([*common, "--arms", "baseline", "--out", str(part)]) == 0
+    assert _load_reprobe().main([*common, "--out", str(full)]) == 0
+    capsys.readouterr()
+    assert _load_reprobe().main([*common, "--reuse", str(part), "--out", str(both)]) == 0
+    probed = [r for r in before["records"] if r.get("probes") and r["stage"] != "base"]
+    n_anchor = sum(r["arm"] == "l2_anchor" for r in probed)
+    assert n_anchor >= 1 and f"reprobe: {n_anchor} checkpoint(s)" in capsys.readouterr().out  # l2_anchor's only
+    got = json.loads((both / "results.json").read_text())
+    ref = json.loads((full / "results.json").read_text())
+    old = {(r["seed"], r["arm"], r["stage"]): r for r in json.loads((part / "results.json").read_text())["records"]}
+    assert got["meta"]["reprobe"]["reused"] == 1 + len(probed) - n_anchor  # the base model and baseline's
+    for g, f in zip(got["records"], ref["records"]):
+        if family not in (g.get("probes") or {}):
+            continue
+        mine, theirs = g["probes"][family], f["probes"][family]
+        assert mine["per_seed"]["final_loss"] == pytest.approx(theirs["per_seed"]["final_loss"])
+        if g["arm"] == "baseline" or g["stage"] == "base":
+            key = (g["seed"], "baseline", g["stage"])
+            assert mine == old[key]["probes"][family]  # copied, not re-measured
+    with pytest.raises(SystemExit):  # argparse keeps the last --lr
+        _load_reprobe().main([*common, "--lr", "2e-3", "--reuse", str(part), "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert "--reuse" in err and "other settings" in err
