@@ -10,6 +10,10 @@ docs/demo.md, "How sure is a probe result"). ``meta.reanalysis`` records the com
 ``--with DIR`` (repeatable) pools runs of the same settings on disjoint training seeds into one analysis: the
 arms all of them ran, every training seed, and for each probe family the base model's probe with the most probe
 seeds (the runs must agree on the probe seeds they share). The output needs ``--out``.
+
+``--metric tail_loss`` reads each probe's tail loss (the mean held-out loss of its evaluations in the second half of
+the probe, ``supple.measure.probe.tail_loss``) where the analysis reads the final loss, for every probe record that
+kept it per probe seed; it also needs ``--out``, and the outputs' notes say which value the tables show.
 """
 
 from __future__ import annotations
@@ -56,13 +60,35 @@ def _pool(a: dict, b: dict) -> dict:
     return {**a, "meta": meta, "records": records}
 
 
+def _read_metric(results: dict, metric: str) -> None:
+    """Every probe record's ``metric`` in place of its final loss (mean, per probe seed and spread)."""
+    for r in results["records"]:
+        for fam, p in (r.get("probes") or {}).items():
+            per = p.get("per_seed") or {}
+            if metric not in per or metric not in p:
+                raise ValueError(f"the {fam} probe of seed {r['seed']} {r['arm']} {r['stage']} has no per-probe-seed "
+                                 f"{metric} (written before it was kept): re-probe it (benchmarks/reprobe_demo.py)")
+            vals = [float(v) for v in per[metric]]
+            p.update(final_loss=float(p[metric]), final_loss_spread=max(vals) - min(vals))
+            per["final_loss"] = vals
+        if r.get("probe") and r.get("probes"):
+            r["probe"] = r["probes"].get(r["probe"].get("family"), r["probe"])
+    results["meta"].setdefault("notes", []).append(
+        f"probe values are each probe's {metric} (benchmarks/reanalyze_demo.py --metric), read where the tables "
+        "say final loss")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("demo", help="the demo's output directory (its results.json)")
     ap.add_argument("--out", default=None, help="where to write the outputs (default: the demo's directory)")
     ap.add_argument("--with", dest="others", action="append", default=[], metavar="DIR",
                     help="pool another run of the same settings on other training seeds (repeatable; needs --out)")
+    ap.add_argument("--metric", default="final_loss", choices=("final_loss", "tail_loss"),
+                    help="the probe value to analyse (default final_loss; tail_loss needs --out)")
     args = ap.parse_args(argv)
+    if args.metric != "final_loss" and not args.out:
+        ap.error(f"--metric {args.metric} rewrites the probe values: pass --out DIR for it")
     if args.others and not args.out:
         ap.error("--with writes a pooled analysis: pass --out DIR for it")
     for d in (args.demo, *args.others):
@@ -83,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
                 results = _pool(results, json.load(fh))
             except ValueError as exc:
                 ap.error(f"--with {d}: {exc}")
+    if args.metric != "final_loss":
+        try:
+            _read_metric(results, args.metric)
+        except ValueError as exc:
+            ap.error(f"--metric: {exc}")
     out = args.out or args.demo
     measure_path = os.path.join(args.demo, "measure_records.json")
     measure_rows = None

@@ -244,3 +244,38 @@ def test_reprobe_reuse_probes_only_what_another_reprobe_lacks(demo, tmp_path, ca
         _load_reprobe().main([*common, "--lr", "2e-3", "--reuse", str(part), "--out", str(tmp_path / "bad")])
     err = capsys.readouterr().err
     assert "--reuse" in err and "other settings" in err
+
+
+def test_reanalyze_metric_tail_loss_reads_the_tail_where_the_final_loss_was(demo, tmp_path, capsys):
+    """--metric tail_loss: every probe's mean, per-probe-seed values and spread are its tail loss's, the analysis
+    is computed from them, and a note says so; without --out, or on a record that did not keep the tail per probe
+    seed, it is refused."""
+    _, out, _, before = demo
+    spec = importlib.util.spec_from_file_location("_test_reanalyze_m", REPO / "benchmarks" / "reanalyze_demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(out), "--metric", "tail_loss", "--out", str(tmp_path / "tail")]) == 0
+    after = json.loads((tmp_path / "tail" / "results.json").read_text())
+    for a, b in zip(before["records"], after["records"]):
+        for fam, p in (a.get("probes") or {}).items():
+            q = b["probes"][fam]
+            assert q["final_loss"] == p["tail_loss"] and q["per_seed"]["final_loss"] == p["per_seed"]["tail_loss"]
+            assert q["final_loss_spread"] == max(p["per_seed"]["tail_loss"]) - min(p["per_seed"]["tail_loss"])
+    fam = before["meta"]["families"]["probes"][0]
+    base = next(r for r in before["records"] if r["stage"] == "base")["probes"][fam]["tail_loss"]
+    last = [r["probes"][fam]["tail_loss"] for r in before["records"]
+            if r["arm"] == "baseline" and r["stage"] == before["meta"]["stages"][-1]["name"]]
+    change = after["analysis"]["problem"][f"probe {fam}"]
+    assert change["base"] == pytest.approx(base) and change["estimate"] == pytest.approx(sum(last) / len(last) - base)
+    assert any("tail_loss" in n for n in after["meta"]["notes"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        mod.main([str(out), "--metric", "tail_loss"])
+    assert "--out" in capsys.readouterr().err
+    old = json.loads((out / "results.json").read_text())
+    del old["records"][-1]["probes"][fam]["per_seed"]["tail_loss"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit):
+        mod.main([str(tmp_path / "old"), "--metric", "tail_loss", "--out", str(tmp_path / "x")])
+    assert "re-probe it" in capsys.readouterr().err
