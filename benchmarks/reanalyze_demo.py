@@ -60,22 +60,30 @@ def _pool(a: dict, b: dict) -> dict:
     return {**a, "meta": meta, "records": records}
 
 
-def _read_metric(results: dict, metric: str) -> None:
-    """Every probe record's ``metric`` in place of its final loss (mean, per probe seed and spread)."""
-    for r in results["records"]:
-        for fam, p in (r.get("probes") or {}).items():
-            per = p.get("per_seed") or {}
-            if metric not in per or metric not in p:
-                raise ValueError(f"the {fam} probe of seed {r['seed']} {r['arm']} {r['stage']} has no per-probe-seed "
-                                 f"{metric} (written before it was kept): re-probe it (benchmarks/reprobe_demo.py)")
-            vals = [float(v) for v in per[metric]]
+def _read_metric(results: dict, metric: str) -> str:
+    """Each probe's ``metric`` in place of its final loss (mean, per probe seed and spread), for the probe families
+    whose every record kept it per probe seed; the others keep the final loss. Returns what was read, in words."""
+    probed = [(r, fam, p) for r in results["records"] for fam, p in (r.get("probes") or {}).items()]
+    families = list(dict.fromkeys(fam for _, fam, _ in probed))
+    lacking = {fam for _, fam, p in probed if metric not in (p.get("per_seed") or {}) or metric not in p}
+    chosen = [f for f in families if f not in lacking]
+    if not chosen:
+        raise ValueError(f"no probe family kept a per-probe-seed {metric} in every record (written before it was "
+                         "kept): re-probe one (benchmarks/reprobe_demo.py)")
+    for _, fam, p in probed:
+        if fam in chosen:
+            vals = [float(v) for v in p["per_seed"][metric]]
             p.update(final_loss=float(p[metric]), final_loss_spread=max(vals) - min(vals))
-            per["final_loss"] = vals
+            p["per_seed"]["final_loss"] = vals
+    for r in results["records"]:
         if r.get("probe") and r.get("probes"):
             r["probe"] = r["probes"].get(r["probe"].get("family"), r["probe"])
+    said = f"probe values are the {metric} for {', '.join(chosen)}" + (
+        f"; the final loss for {', '.join(f for f in families if f in lacking)} (no per-probe-seed {metric})"
+        if lacking else "")
     results["meta"].setdefault("notes", []).append(
-        f"probe values are each probe's {metric} (benchmarks/reanalyze_demo.py --metric), read where the tables "
-        "say final loss")
+        f"{said} (benchmarks/reanalyze_demo.py --metric), read where the tables say final loss")
+    return said
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error(f"--with {d}: {exc}")
     if args.metric != "final_loss":
         try:
-            _read_metric(results, args.metric)
+            print(_read_metric(results, args.metric))
         except ValueError as exc:
             ap.error(f"--metric: {exc}")
     out = args.out or args.demo

@@ -272,10 +272,22 @@ def test_reanalyze_metric_tail_loss_reads_the_tail_where_the_final_loss_was(demo
     with pytest.raises(SystemExit):
         mod.main([str(out), "--metric", "tail_loss"])
     assert "--out" in capsys.readouterr().err
+    # a family one record kept no tail for keeps the final loss, and the note names it
     old = json.loads((out / "results.json").read_text())
     del old["records"][-1]["probes"][fam]["per_seed"]["tail_loss"]
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "results.json").write_text(json.dumps(old))
+    assert mod.main([str(tmp_path / "old"), "--metric", "tail_loss", "--out", str(tmp_path / "x")]) == 0
+    mixed = json.loads((tmp_path / "x" / "results.json").read_text())
+    assert [r["probes"][fam]["final_loss"] for r in mixed["records"] if r.get("probes")] == [
+        r["probes"][fam]["final_loss"] for r in before["records"] if r.get("probes")]
+    assert any(f"the final loss for {fam}" in n for n in mixed["meta"]["notes"])
+    # no family with a tail in every record: refused
+    for r in old["records"]:
+        for p in (r.get("probes") or {}).values():
+            p["per_seed"].pop("tail_loss", None)
+    (tmp_path / "old" / "results.json").write_text(json.dumps(old))
+    capsys.readouterr()
     with pytest.raises(SystemExit):
-        mod.main([str(tmp_path / "old"), "--metric", "tail_loss", "--out", str(tmp_path / "x")])
-    assert "re-probe it" in capsys.readouterr().err
+        mod.main([str(tmp_path / "old"), "--metric", "tail_loss", "--out", str(tmp_path / "y")])
+    assert "re-probe one" in capsys.readouterr().err
