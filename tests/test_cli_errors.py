@@ -255,3 +255,22 @@ def test_demo_lr_overrides_the_chosen_regime_only(monkeypatch, tmp_path):
     assert main(["demo", "--model", "tiny", "--base-probe-seeds", "8", "--out", str(tmp_path)]) == 2
     b = seen["cfg"].budget
     assert (b.probe_seeds, b.probe_seeds_base, b.for_base_model().probe_seeds) == (2, 8, 8)
+
+
+def test_demo_says_on_screen_what_its_budget_can_show(monkeypatch, tmp_path, capsys):
+    """The default budget says before it starts that it shows no loss of plasticity and which stages do; --quick
+    says it is too short; a run with its own --steps or --lora gets neither line."""
+    import supple.testbed.pipeline as pipeline
+
+    def fake_run_demo(cfg):
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(pipeline, "run_demo", fake_run_demo)
+    said = {}
+    for name, extra in (("default", []), ("quick", ["--quick"]), ("steps", ["--steps", "sft=240"]),
+                        ("lora", ["--lora"])):
+        assert main(["demo", "--model", "tiny", *extra, "--out", str(tmp_path)]) == 2
+        said[name] = capsys.readouterr().out
+    assert "no probe shows a loss of plasticity" in said["default"] and "--steps sft=240" in said["default"]
+    assert "too short for the baseline" in said["quick"] and "no probe shows" not in said["quick"]
+    assert "no probe shows" not in said["steps"] and "no probe shows" not in said["lora"]
