@@ -176,7 +176,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     elif args.preset == "default" and not args.steps and not cfg.lora:
         print("supple demo: at this budget the baseline loses out-of-domain accuracy and forgets the first task, "
               "but no probe shows a loss of plasticity; stages of 240 / 60 / 120 steps (--steps sft=240 --steps "
-              "dpo=60 --steps sft2=120, about 40 min per arm on 2 CPU cores) do (docs/demo.md)", flush=True)
+              "dpo=60 --steps sft2=120, 40-55 min per arm on 2 CPU cores) do (docs/demo.md)", flush=True)
     results = run_demo(cfg)  # ValueError / FileNotFoundError / EmbeddedModelMissing: the CLI's one-line error, exit 2
     meta = results["meta"]
     print()
