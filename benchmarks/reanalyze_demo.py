@@ -27,6 +27,13 @@ import time
 _SAME = ("model", "stages", "families", "lora")
 
 
+def _primary_from_probes(records: list[dict]) -> None:
+    """Each record's primary ``probe`` as its family's entry in ``probes``, after the probes were replaced."""
+    for r in records:
+        if r.get("probe") and r.get("probes"):
+            r["probe"] = r["probes"].get(r["probe"].get("family"), r["probe"])
+
+
 def _pool(a: dict, b: dict) -> dict:
     """Two runs' records as one run on the union of their training seeds (see the module doc)."""
     differ = [k for k in _SAME if a["meta"].get(k) != b["meta"].get(k)]
@@ -52,7 +59,7 @@ def _pool(a: dict, b: dict) -> dict:
     for r in records:
         if r["stage"] == "base" and r.get("probes"):
             r["probes"] = {fam: base_probes[fam] for fam in r["probes"]}
-            r["probe"] = r["probes"].get((r.get("probe") or {}).get("family"), r.get("probe"))
+    _primary_from_probes(records)
     meta = {**a["meta"], "seeds": sorted(set(a["meta"]["seeds"]) | set(b["meta"]["seeds"])), "arms": arms}
     meta["pooled"] = [*a["meta"].get("pooled", [a["meta"].get("command")]), b["meta"].get("command")]
     meta["notes"] = [*a["meta"].get("notes", []), f"pooled with the run `{b['meta'].get('command')}` (seeds "
@@ -75,9 +82,7 @@ def _read_metric(results: dict, metric: str) -> str:
             vals = [float(v) for v in p["per_seed"][metric]]
             p.update(final_loss=float(p[metric]), final_loss_spread=max(vals) - min(vals))
             p["per_seed"]["final_loss"] = vals
-    for r in results["records"]:
-        if r.get("probe") and r.get("probes"):
-            r["probe"] = r["probes"].get(r["probe"].get("family"), r["probe"])
+    _primary_from_probes(results["records"])
     said = f"probe values are the {metric} for {', '.join(chosen)}" + (
         f"; the final loss for {', '.join(f for f in families if f in lacking)} (no per-probe-seed {metric})"
         if lacking else "")

@@ -42,37 +42,33 @@ _SAME_PROBE = ("probe_rank", "probe_batch", "probe_eval", "probe_format", "probe
                "probe_cooldown")
 
 
-def _base_from(ap, directory: str, family: str, budget) -> dict:
-    """The base model's ``family`` probe from another run's results.json, if it ran the same probe settings."""
+def _other_run(ap, flag: str, directory: str, family: str, budget) -> list[dict]:
+    """The records of another run's (or re-probe's) results.json in ``directory``, if it probed ``family`` with the
+    same settings as ``budget`` (the probe seeds aside); otherwise ``flag``'s one-line error."""
     from supple.testbed.settings import Budget
 
     path = os.path.join(directory, "results.json")
     if not os.path.isfile(path):
-        ap.error(f"--base-from: no {path}")
+        ap.error(f"{flag}: no {path}")
     with open(path, encoding="utf-8") as fh:
         other = json.load(fh)
-    base = next((r for r in other["records"] if r["stage"] == "base"), None)
-    if base is None or family not in (base.get("probes") or {}):
-        ap.error(f"--base-from: {path} has no base-model {family} probe")
     differ = _probe_differences(Budget.from_fields(other["meta"]["budget"]), budget, family)
     if differ:
-        ap.error(f"--base-from: {path} probed with other settings ({', '.join(differ)})")
+        ap.error(f"{flag}: {path} probed with other settings ({', '.join(differ)})")
+    return other["records"]
+
+
+def _base_from(ap, directory: str, family: str, budget) -> dict:
+    """The base model's ``family`` probe from another run's results.json, if it ran the same probe settings."""
+    base = next((r for r in _other_run(ap, "--base-from", directory, family, budget) if r["stage"] == "base"), None)
+    if base is None or family not in (base.get("probes") or {}):
+        ap.error(f"--base-from: {os.path.join(directory, 'results.json')} has no base-model {family} probe")
     return base["probes"][family]
 
 
-def _reusable(ap, directory: str, family: str, budget) -> dict[tuple, dict]:
-    """Another re-probe's ``family`` probe records by (seed, arm, stage), if it ran the same probe settings."""
-    from supple.testbed.settings import Budget
-
-    path = os.path.join(directory, "results.json")
-    if not os.path.isfile(path):
-        ap.error(f"--reuse: no {path}")
-    with open(path, encoding="utf-8") as fh:
-        other = json.load(fh)
-    differ = _probe_differences(Budget.from_fields(other["meta"]["budget"]), budget, family)
-    if differ:
-        ap.error(f"--reuse: {path} probed with other settings ({', '.join(differ)})")
-    return {_reuse_key(r): r["probes"][family] for r in other["records"]
+def _reusable(ap, directory: str, family: str, budget) -> dict[str, dict]:
+    """Another re-probe's ``family`` probe records by :func:`_reuse_key`, if it ran the same probe settings."""
+    return {_reuse_key(r): r["probes"][family] for r in _other_run(ap, "--reuse", directory, family, budget)
             if family in (r.get("probes") or {}) and "seeds" in r["probes"][family]}
 
 
@@ -191,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
           + (f"base model only, {base_budget.probe_seeds} probe seeds" if args.base_only else
              f"{budget.probe_seeds} probe seeds (base model {base_budget.probe_seeds})")
           + (f"; the base model's probe copied from {args.base_from}" if copied is not None else "")
-          + (f"; {len(set(reused))} record(s) reused from {args.reuse}" if reused else "")
+          + (f"; {len(reused)} record(s) reused from {args.reuse}" if reused else "")
           + f", {args.workers} worker(s)", flush=True)
     from supple.testbed.evaluation import summarize_probe_runs
 
@@ -243,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["reprobe"] = {"family": args.family, "probe_steps": args.steps, "probe_lr": args.lr,
                        "probe_seeds": budget.probe_seeds, "base_probe_seeds": base_budget.probe_seeds,
                        "base_only": args.base_only, "base_from": args.base_from,
-                       "reuse": args.reuse, "reused": len(set(reused)),
+                       "reuse": args.reuse, "reused": len(reused),
                        "base_reproduced_within": reproduced, "probe_rank": budget.probe_rank,
                        "probe_batch": budget.probe_batch, "probe_format": budget.probe_format,
                        "probe_warmup": budget.probe_warmup, "probe_max_grad_norm": budget.probe_max_grad_norm,
