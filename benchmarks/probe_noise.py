@@ -10,6 +10,13 @@ learning rate to zero over the last steps (``supple probe --cooldown``).
     python benchmarks/probe_noise.py --fixed-pool 0 --tag fixedpool64 --out benchmarks/results/probe_noise.jsonl
     python benchmarks/probe_noise.py --n 256 --model DIR/seed0/baseline/sft2 --tag n256 --out ...
     python benchmarks/probe_noise.py --summary benchmarks/results/probe_noise_2026-12-01.jsonl
+    python benchmarks/probe_noise.py --summary benchmarks/results/probe_noise_2026-12-02.jsonl --by-step steps160
+
+``--by-step TAG`` reads a longer probe as several shorter ones: with a constant learning rate, the evaluation at step
+k of one run is the final loss a k-step run of the same seed would reach (the same items, initialization and batch
+order up to step k). Per evaluation step it prints the base model's mean and sd over its runs, the trained
+checkpoints' (every other model of the tag, pooled), and their gap in units of the base model's sd: how far apart
+the two sit for the probe's own noise, at every horizon.
 """
 
 from __future__ import annotations
@@ -27,11 +34,9 @@ def summarize(path: str) -> str:
     from supple.measure.probe import tail_loss
 
     groups: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            r = json.loads(line)
-            at = list(range(0, r["steps"], 20)) + [r["steps"]]  # this script evaluates every 20 steps and at the end
-            groups.setdefault((r["tag"], r["model"]), []).append((r["final"], tail_loss(at, r["eval"], r["steps"])))
+    for r in _rows(path):
+        groups.setdefault((r["tag"], r["model"]), []).append((r["final"], tail_loss(_eval_steps(r), r["eval"],
+                                                                                      r["steps"])))
     out = ["| tag | model | runs | final loss mean (sd) | tail loss mean (sd) |", "|---|---|---:|---:|---:|"]
     for (tag, model), vals in groups.items():
         cells = []
@@ -39,6 +44,39 @@ def summarize(path: str) -> str:
             sd = statistics.stdev(xs) if len(xs) > 1 else float("nan")
             cells.append(f"{statistics.mean(xs):.3f} ({sd:.3f})")
         out.append(f"| {tag} | {model} | {len(vals)} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def _rows(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _eval_steps(r: dict) -> list[int]:
+    return list(range(0, r["steps"], 20)) + [r["steps"]]  # this script evaluates every 20 steps and at the end
+
+
+def by_step(path: str, tag: str, base: str = "embedded") -> str:
+    """Per evaluation step of ``tag``'s runs: the base model's eval loss (mean, sd over its runs), the trained
+    checkpoints' (all other models, pooled over their runs), the gap between the two means and that gap over the
+    base model's sd. Steps are those every run of the tag evaluated, except step 0."""
+    import statistics
+
+    rows = [r for r in _rows(path) if r["tag"] == tag and r.get("cooldown", 0) == 0]
+    if not any(r["model"] == base for r in rows) or all(r["model"] == base for r in rows):
+        raise ValueError(f"tag {tag!r} needs constant-rate runs of the base model ({base!r}) and of other checkpoints")
+    steps = sorted(set.intersection(*(set(_eval_steps(r)) for r in rows)) - {0})
+    out = ["| step | base model mean (sd, runs) | checkpoints mean (sd, runs, models) | gap | gap / base sd |",
+           "|---:|---:|---:|---:|---:|"]
+    n_models = len({r["model"] for r in rows if r["model"] != base})
+    for k in steps:
+        b = [r["eval"][_eval_steps(r).index(k)] for r in rows if r["model"] == base]
+        c = [r["eval"][_eval_steps(r).index(k)] for r in rows if r["model"] != base]
+        sd_b = statistics.stdev(b) if len(b) > 1 else float("nan")
+        sd_c = statistics.stdev(c) if len(c) > 1 else float("nan")
+        gap = statistics.mean(c) - statistics.mean(b)
+        out.append(f"| {k} | {statistics.mean(b):.3f} ({sd_b:.3f}, {len(b)}) | {statistics.mean(c):.3f} ({sd_c:.3f}, "
+                   f"{len(c)}, {n_models}) | {gap:+.3f} | {gap / sd_b:+.2f} |")
     return "\n".join(out)
 
 
@@ -59,9 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="JSON lines file to append the rows to")
     ap.add_argument("--summary", default=None, metavar="FILE",
                     help="run nothing: print each tag's mean and sd over its rows of the final and tail loss")
+    ap.add_argument("--by-step", default=None, metavar="TAG",
+                    help="with --summary: the base model against the other checkpoints at every evaluation step of "
+                         "TAG's runs (see above)")
     a = ap.parse_args(argv)
+    if a.by_step and not a.summary:
+        ap.error("--by-step reads a file of rows: pass --summary FILE as well")
     if a.summary:
-        print(summarize(a.summary))
+        try:
+            print(by_step(a.summary, a.by_step) if a.by_step else summarize(a.summary))
+        except (OSError, ValueError) as e:
+            ap.error(str(e))
         return 0
     if not a.out:
         ap.error("--out is required (or --summary FILE)")

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     path = os.path.join(args.demo, "results.json")
 
     from supple.testbed.analysis import analyze
-    from supple.testbed.pipeline import summarize
+    from supple.testbed.records import summarize
     from supple.testbed.report import write_outputs
     from supple.testbed.verdict import format_verdict
 

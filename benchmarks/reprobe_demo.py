@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--base-probe-seeds >= 1")
 
     from supple.testbed.analysis import analyze, shared_probe_seed_difference
-    from supple.testbed.pipeline import summarize
+    from supple.testbed.records import summarize
     from supple.testbed.report import write_outputs
     from supple.testbed.settings import Budget
 

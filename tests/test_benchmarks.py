@@ -62,3 +62,30 @@ def test_probe_noise_summary_reads_final_and_tail_loss_per_tag(tmp_path, capsys)
     assert line == "| a | m | 2 | 2.000 (1.414) | 3.000 (1.414) |"
     with pytest.raises(SystemExit):  # neither --out nor --summary
         mod.main(["--model", "tiny"])
+
+
+def test_probe_noise_by_step_reads_each_horizon_of_longer_runs(tmp_path, capsys):
+    """--by-step: at every evaluation step (not 0), the base model's mean and sd over its runs, the other models'
+    pooled, their gap and the gap over the base model's sd; a cooled-down run is left out (its curve is not a
+    shorter run's), and a tag without both kinds of model is refused in one line."""
+    spec = importlib.util.spec_from_file_location("_probe_noise_b", REPO / "benchmarks" / "probe_noise.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = tmp_path / "rows.jsonl"
+    # 40 steps: evaluations at 0, 20, 40
+    runs = [("embedded", [9.0, 3.0, 1.0], 0), ("embedded", [9.0, 5.0, 2.0], 0), ("ck/a", [9.0, 4.0, 3.0], 0),
+            ("ck/b", [9.0, 6.0, 4.0], 0), ("ck/b", [9.0, 0.0, 0.0], 8)]
+    rows.write_text("\n".join(json.dumps(dict(tag="h", model=m, steps=40, cooldown=c, final=e[-1], eval=e))
+                              for m, e, c in runs) + "\n")
+    assert mod.main(["--summary", str(rows), "--by-step", "h"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    # step 20: base 3, 5 -> mean 4, sd sqrt(2); checkpoints 4, 6 -> mean 5, sd sqrt(2); gap +1 = 0.71 base sd
+    assert lines[2] == "| 20 | 4.000 (1.414, 2) | 5.000 (1.414, 2, 2) | +1.000 | +0.71 |"
+    # step 40: base 1, 2 -> 1.5 (0.707); checkpoints 3, 4 -> 3.5 (0.707); gap +2 = 2.83 base sd
+    assert lines[3] == "| 40 | 1.500 (0.707, 2) | 3.500 (0.707, 2, 2) | +2.000 | +2.83 |"
+    assert len(lines) == 4
+    with pytest.raises(SystemExit):
+        mod.main(["--summary", str(rows), "--by-step", "other"])
+    assert "needs constant-rate runs of the base model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --by-step alone
+        mod.main(["--by-step", "h"])

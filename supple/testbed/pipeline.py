@@ -23,8 +23,6 @@ supple arm's callback, measurements and reporting. An outcome-reward stage (GRPO
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import shutil
 import tempfile
@@ -36,7 +34,6 @@ from typing import Any
 
 from . import tasks as T
 from .evaluation import (
-    _GEOMETRY_KEYS,
     EvalPlan,
     evaluate,
     geometry_metrics,
@@ -44,6 +41,8 @@ from .evaluation import (
     probe_texts,
     task_metrics,
 )
+from .journal import Journal
+from .records import add_forgetting, flat_metrics, save_json, summarize
 from .runner import _record
 from .settings import (
     ARM_TABLE,
@@ -68,7 +67,7 @@ from .stages import (
 )
 
 # The testbed's public names, also importable from here (the pipeline was one module before it was split into
-# settings, stages, evaluation and this driver).
+# settings, stages, evaluation, journal, records and this driver).
 __all__ = [
     "ARMS",
     "PRESETS",
@@ -243,7 +242,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     jobs += [Job(seed, arm) for arm in arms if arm != "baseline" for seed in cfg.seeds]
     setup = JobSetup(cfg=replace(cfg, announce=None), stages=stages, plan=plan, workdir=workdir, arm_overrides=arm_overrides,
                      replay_note=replay_note)
-    journal = _Journal(cfg, stages)
+    journal = Journal(cfg, stages)
     done = journal.load() if cfg.resume else {}
     todo = [j for j in jobs if (j.seed, j.arm) not in done]
     if cfg.report_only:  # tables from what a run finished: arms missing a seed are left out
@@ -291,7 +290,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         supple_configs.update(out["supple_configs"])
         notes += [n for n in out["notes"] if n not in notes]
 
-    _add_forgetting(records, stages)
+    add_forgetting(records, stages)
     results = {
         "meta": {
             "model": model_name,
@@ -330,71 +329,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     return results
 
 
-_LEGACY_PROBES = ("reverse_words", "number_words")  # the probe families before word_codes
-
-
-class _Journal:
-    """Finished jobs, one JSON line each, in ``out/jobs.jsonl``: an interrupted demo loses nothing finished, and
-    ``--resume`` reruns only what is missing. A line counts only for the same model, budget, stages, regime and
-    supple overrides (its ``signature``). The base-model job is signed with the probe seeds it runs
-    (``Budget.for_base_model``) and the (seed, arm) jobs without ``probe_seeds_base``, so changing
-    ``--base-probe-seeds`` under ``--resume`` reruns the base model only."""
-
-    def __init__(self, cfg: DemoConfig, stages: list[Stage]) -> None:
-        self.path = os.path.join(cfg.out, "jobs.jsonl") if cfg.out else None
-        rest = {"model": cfg.model, "stages": [asdict(s) for s in stages], "lora": cfg.lora,
-                "supple": cfg.supple_overrides, "defaults": SUPPLE_ARM_DEFAULTS, "probes": list(T.PROBE_FAMILIES)}
-
-        def sign(budget: Budget) -> str:
-            return json.dumps({**rest, "budget": asdict(replace(budget, probe_seeds_base=0))}, sort_keys=True,
-                              default=str)
-
-        self.base_signature, self.signature = sign(cfg.budget.for_base_model()), sign(cfg.budget)
-        if self.path and not cfg.resume and os.path.exists(self.path):
-            os.remove(self.path)
-
-    def _signature_for(self, seed: int | None) -> str:
-        return self.base_signature if seed is None else self.signature
-
-    def load(self) -> dict[tuple, dict]:
-        out: dict[tuple, dict] = {}
-        if not self.path or not os.path.exists(self.path):
-            return out
-        with open(self.path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by an interruption
-                    continue
-                ours = self._signature_for(row.get("seed"))
-                if row.get("signature") == ours or self._compatible(row.get("signature"), ours):
-                    out[(row["seed"], row["arm"])] = row["out"]
-        return out
-
-    @staticmethod
-    def _compatible(stored: str | None, ours: str) -> bool:
-        """Same settings, written before a newer version added budget fields: a field missing from the stored
-        signature matches when this run uses its default value."""
-        if not stored:
-            return False
-        old, new = json.loads(stored), json.loads(ours)
-        defaults = json.loads(json.dumps(asdict(Budget()), default=str))
-        ob, nb = old.pop("budget", {}), new.pop("budget", {})
-        old.setdefault("probes", list(_LEGACY_PROBES))  # journals written before the probes were signed
-        if old != new or any(ob[k] != v for k, v in nb.items() if k in ob):
-            return False
-        return all(nb[k] == defaults.get(k) for k in nb if k not in ob) and set(ob) <= set(nb)
-
-    def add(self, job, out: dict) -> None:
-        if not self.path:
-            return
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        line = json.dumps({"signature": self._signature_for(job.seed), "seed": job.seed, "arm": job.arm, "out": out},
-                          default=lambda o: o.item() if hasattr(o, "item") else str(o))
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
-
-
 def _model_name(spec: str) -> str:
     return {"tiny": "tiny", "embedded": "SmolLM2-135M-Instruct"}.get(spec, os.path.basename(os.path.normpath(spec)))
 
@@ -403,82 +337,6 @@ def _machine() -> str:
     import platform
 
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"
-
-
-def _add_forgetting(records: list[dict], stages: list[Stage]) -> None:
-    """Per record: for every family trained at an earlier stage (and not at this one), the accuracy drop and
-    answer-loss rise since the last stage that trained it."""
-    by_run: dict[tuple, dict[int, dict]] = {}
-    for r in records:
-        by_run.setdefault((r["seed"], r["arm"]), {})[r["stage_index"]] = r
-    for run in by_run.values():
-        for idx, r in run.items():
-            forget = {}
-            current = stages[idx - 1].family if idx else None
-            last: dict[str, int] = {}
-            for j, st in enumerate(stages[: max(idx - 1, 0)], start=1):
-                last[st.family] = j
-            for fam, j in last.items():
-                then = run.get(j)
-                if fam == current or then is None or fam not in r.get("tasks", {}):
-                    continue
-                forget[fam] = {
-                    "acc_drop": then["tasks"][fam]["acc"] - r["tasks"][fam]["acc"],
-                    "ce_rise": r["tasks"][fam]["answer_ce"] - then["tasks"][fam]["answer_ce"],
-                    "since": stages[j - 1].name,
-                }
-            r["forgetting"] = forget
-
-
-# ------------------------------------------------------------------------------------------------ summary
-def flat_metrics(r: dict) -> dict[str, float]:
-    """The scalar metrics of one record, flattened to ``name: value`` (what the table and plots use)."""
-    out: dict[str, float] = {}
-    g = r.get("geometry", {})
-    for k in (*_GEOMETRY_KEYS, "general_nll"):
-        if k in g:
-            out[k] = g[k]
-    p = r.get("probe", {})
-    for k in ("start_loss", "final_loss", "improvement", "area"):
-        if k in p:
-            out[f"probe_{k}"] = p[k]
-    for fam, m in r.get("tasks", {}).items():
-        out[f"acc/{fam}"] = m["acc"]
-        out[f"answer_ce/{fam}"] = m["answer_ce"]
-        out[f"ece/{fam}"] = m["ece"]
-    if "ece" in r:
-        out["ece"] = r["ece"]
-    for fam, f in r.get("forgetting", {}).items():
-        out[f"forget_acc/{fam}"] = f["acc_drop"]
-        out[f"forget_ce/{fam}"] = f["ce_rise"]
-    out["eval_s"] = r.get("eval_s", float("nan"))
-    t = r.get("train") or {}
-    for k, v in t.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("steps",):
-            out[f"train/{k}"] = float(v)
-    return out
-
-
-def summarize(records: list[dict]) -> list[dict]:
-    """Mean, standard deviation (over seeds), min, max of every metric per (stage, arm), in stage order."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in records:
-        groups.setdefault((r["stage_index"], r["stage"], r["arm"]), []).append(r)
-    out = []
-    for (idx, stage, arm), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], ARMS.index(kv[0][2]) if kv[0][2] in ARMS else 99)):
-        flats = [flat_metrics(r) for r in rs]
-        keys = list(dict.fromkeys(k for f in flats for k in f))
-        metrics = {}
-        for k in keys:
-            vals = [f[k] for f in flats if k in f and f[k] is not None and math.isfinite(f[k])]
-            if not vals:
-                continue
-            mean = sum(vals) / len(vals)
-            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-            metrics[k] = {"mean": mean, "std": std, "min": min(vals), "max": max(vals), "n": len(vals)}
-        out.append({"stage_index": idx, "stage": stage, "arm": arm, "seeds": [r["seed"] for r in rs],
-                    "metrics": metrics})
-    return out
 
 
 def _versions() -> dict[str, str]:
@@ -491,13 +349,3 @@ def _versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
-
-
-def save_json(obj: Any, path: str) -> None:
-    def default(o):
-        if hasattr(o, "item"):
-            return o.item()
-        return str(o)
-
-    with open(path, "w") as fh:
-        json.dump(obj, fh, indent=1, default=default, allow_nan=True)

@@ -255,7 +255,7 @@ def plot_probe_curves(results: dict, path: str) -> str:
 def write_outputs(results: dict, measure_rows: list[dict] | None, out: str) -> dict[str, str]:
     """Write results.json, measure_records.json, summary.md, table.txt, summary.png, probe_curves.png to ``out``
     (no measure_records.json when ``measure_rows`` is None: a re-analysis that has none keeps what is there)."""
-    from .pipeline import save_json
+    from .records import save_json
 
     os.makedirs(out, exist_ok=True)
     files = {

@@ -1,0 +1,81 @@
+"""The demo's journal of finished jobs (``out/jobs.jsonl``), which ``supple demo --resume`` reads back."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, replace
+from typing import TYPE_CHECKING
+
+from . import tasks as T
+from .settings import SUPPLE_ARM_DEFAULTS, Budget
+from .stages import Stage
+
+if TYPE_CHECKING:
+    from .pipeline import DemoConfig
+
+__all__ = ["Journal"]
+
+_LEGACY_PROBES = ("reverse_words", "number_words")  # the probe families before word_codes
+
+
+class Journal:
+    """Finished jobs, one JSON line each, in ``out/jobs.jsonl``: an interrupted demo loses nothing finished, and
+    ``--resume`` reruns only what is missing. A line counts only for the same model, budget, stages, regime and
+    supple overrides (its ``signature``). The base-model job is signed with the probe seeds it runs
+    (``Budget.for_base_model``) and the (seed, arm) jobs without ``probe_seeds_base``, so changing
+    ``--base-probe-seeds`` under ``--resume`` reruns the base model only."""
+
+    def __init__(self, cfg: DemoConfig, stages: list[Stage]) -> None:
+        self.path = os.path.join(cfg.out, "jobs.jsonl") if cfg.out else None
+        rest = {"model": cfg.model, "stages": [asdict(s) for s in stages], "lora": cfg.lora,
+                "supple": cfg.supple_overrides, "defaults": SUPPLE_ARM_DEFAULTS, "probes": list(T.PROBE_FAMILIES)}
+
+        def sign(budget: Budget) -> str:
+            return json.dumps({**rest, "budget": asdict(replace(budget, probe_seeds_base=0))}, sort_keys=True,
+                              default=str)
+
+        self.base_signature, self.signature = sign(cfg.budget.for_base_model()), sign(cfg.budget)
+        if self.path and not cfg.resume and os.path.exists(self.path):
+            os.remove(self.path)
+
+    def _signature_for(self, seed: int | None) -> str:
+        return self.base_signature if seed is None else self.signature
+
+    def load(self) -> dict[tuple, dict]:
+        out: dict[tuple, dict] = {}
+        if not self.path or not os.path.exists(self.path):
+            return out
+        with open(self.path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by an interruption
+                    continue
+                ours = self._signature_for(row.get("seed"))
+                if row.get("signature") == ours or self._compatible(row.get("signature"), ours):
+                    out[(row["seed"], row["arm"])] = row["out"]
+        return out
+
+    @staticmethod
+    def _compatible(stored: str | None, ours: str) -> bool:
+        """Same settings, written before a newer version added budget fields: a field missing from the stored
+        signature matches when this run uses its default value."""
+        if not stored:
+            return False
+        old, new = json.loads(stored), json.loads(ours)
+        defaults = json.loads(json.dumps(asdict(Budget()), default=str))
+        ob, nb = old.pop("budget", {}), new.pop("budget", {})
+        old.setdefault("probes", list(_LEGACY_PROBES))  # journals written before the probes were signed
+        if old != new or any(ob[k] != v for k, v in nb.items() if k in ob):
+            return False
+        return all(nb[k] == defaults.get(k) for k in nb if k not in ob) and set(ob) <= set(nb)
+
+    def add(self, job, out: dict) -> None:
+        if not self.path:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        line = json.dumps({"signature": self._signature_for(job.seed), "seed": job.seed, "arm": job.arm, "out": out},
+                          default=lambda o: o.item() if hasattr(o, "item") else str(o))
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
