@@ -9,7 +9,10 @@ docs/demo.md, "How sure is a probe result"). ``meta.reanalysis`` records the com
 
 ``--with DIR`` (repeatable) pools runs of the same settings on disjoint training seeds into one analysis: the
 arms all of them ran, every training seed, and for each probe family the base model's probe with the most probe
-seeds (the runs must agree on the probe seeds they share). The output needs ``--out``.
+seeds (the runs must agree on the probe seeds they share). Where the runs probed their checkpoints under different
+probe seeds (e.g. 8 in a re-probe, 4 in a run), every checkpoint keeps only the probe seeds all of them ran, so the
+probe intervals still resample probe seeds as well as training seeds (the analysis resamples training seeds only
+when the checkpoints disagree); the notes say so. The output needs ``--out``.
 
 ``--metric tail_loss`` reads each probe's tail loss (the mean held-out loss of its evaluations in the second half of
 the probe, ``supple.measure.probe.tail_loss``) where the analysis reads the final loss, for every probe record that
@@ -59,12 +62,54 @@ def _pool(a: dict, b: dict) -> dict:
     for r in records:
         if r["stage"] == "base" and r.get("probes"):
             r["probes"] = {fam: base_probes[fam] for fam in r["probes"]}
+    shared_notes = _shared_probe_seeds(records)
     _primary_from_probes(records)
     meta = {**a["meta"], "seeds": sorted(set(a["meta"]["seeds"]) | set(b["meta"]["seeds"])), "arms": arms}
     meta["pooled"] = [*a["meta"].get("pooled", [a["meta"].get("command")]), b["meta"].get("command")]
     meta["notes"] = [*a["meta"].get("notes", []), f"pooled with the run `{b['meta'].get('command')}` (seeds "
-                     f"{b['meta']['seeds']}); the base model's probes are those with the most probe seeds"]
+                     f"{b['meta']['seeds']}); the base model's probes are those with the most probe seeds", *shared_notes]
     return {**a, "meta": meta, "records": records}
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _shared_probe_seeds(records: list[dict]) -> list[str]:
+    """Restrict every checkpoint's probe of a family to the probe seeds all checkpoints ran (the base model keeps
+    its own), recomputing the probe's means, its spread and its mean curve from the kept seeds. Returns a note
+    per family that lost probe seeds."""
+    from supple.testbed.analysis import probe_seed_values
+
+    notes = []
+    families = list(dict.fromkeys(f for r in records if r["stage"] != "base" for f in (r.get("probes") or {})))
+    for fam in families:
+        probed = [r["probes"][fam] for r in records if r["stage"] != "base" and fam in (r.get("probes") or {})]
+        try:
+            sets = [set(probe_seed_values(p)) for p in probed]
+        except KeyError:  # a record without per-seed values: nothing to align
+            continue
+        keep = sorted(set.intersection(*sets))
+        if all(s == set(keep) for s in sets):
+            continue
+        if len(keep) < 2:
+            raise ValueError(f"the checkpoints share fewer than 2 {fam} probe seeds; re-probe them under the same ones")
+        for p in probed:
+            idx = [list(probe_seed_values(p)).index(k) for k in keep]
+            per = {k: [v[i] for i in idx] for k, v in p["per_seed"].items()}
+            p["per_seed"], p["seeds"] = per, keep
+            for k in ("start_loss", "final_loss", "tail_loss", "area"):
+                if k in per and k in p:
+                    p[k] = _mean([float(v) for v in per[k]])
+            if "eval_loss" in per and "eval_loss" in p:
+                p["eval_loss"] = [_mean([float(c[j]) for c in per["eval_loss"]]) for j in range(len(per["eval_loss"][0]))]
+            if "start_loss" in p:
+                p["improvement"] = p["start_loss"] - p["final_loss"]
+                p["relative_improvement"] = p["improvement"] / p["start_loss"] if p["start_loss"] else float("nan")
+            p["final_loss_spread"] = max(per["final_loss"]) - min(per["final_loss"])
+        notes.append(f"{fam}: every checkpoint keeps the probe seeds all of them ran ({keep}), so the probe "
+                     "intervals resample probe seeds too")
+    return notes
 
 
 def _read_metric(results: dict, metric: str) -> str:

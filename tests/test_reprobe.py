@@ -291,3 +291,32 @@ def test_reanalyze_metric_tail_loss_reads_the_tail_where_the_final_loss_was(demo
     with pytest.raises(SystemExit):
         mod.main([str(tmp_path / "old"), "--metric", "tail_loss", "--out", str(tmp_path / "y")])
     assert "re-probe one" in capsys.readouterr().err
+
+
+def test_reanalyze_pool_keeps_the_probe_seeds_every_checkpoint_ran():
+    """Pooling a re-probe (probe seeds 0-3) with a run (0-1): each checkpoint keeps seeds 0-1, its means, spread
+    and curve recomputed from them; the base model keeps its own; one seed in common is refused."""
+    spec = importlib.util.spec_from_file_location("_test_reanalyze_shared", REPO / "benchmarks" / "reanalyze_demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def probe(seeds, finals):
+        return {"family": "f", "seeds": seeds, "final_loss": sum(finals) / len(finals), "start_loss": 9.0,
+                "final_loss_spread": max(finals) - min(finals), "eval_loss": [0.0, 0.0],
+                "per_seed": {"final_loss": finals, "start_loss": [9.0] * len(finals),
+                             "eval_loss": [[9.0, v] for v in finals]}}
+
+    records = [{"stage": "base", "probes": {"f": probe([0, 1, 2], [1.0, 2.0, 6.0])}},
+               {"stage": "s", "probes": {"f": probe([0, 1, 2, 3], [2.0, 4.0, 8.0, 10.0])}},
+               {"stage": "s", "probes": {"f": probe([0, 1], [3.0, 5.0])}}]
+    notes = mod._shared_probe_seeds(records)
+    first = records[1]["probes"]["f"]
+    assert first["seeds"] == [0, 1] and first["per_seed"]["final_loss"] == [2.0, 4.0]
+    assert first["final_loss"] == 3.0 and first["final_loss_spread"] == 2.0 and first["improvement"] == 6.0
+    assert first["eval_loss"] == [9.0, 3.0]
+    assert records[2]["probes"]["f"]["final_loss"] == 4.0  # already on the shared seeds: unchanged
+    assert records[0]["probes"]["f"]["seeds"] == [0, 1, 2]  # the base model keeps its own
+    assert len(notes) == 1 and "[0, 1]" in notes[0]
+    records[2]["probes"]["f"] = probe([1, 5], [3.0, 5.0])
+    with pytest.raises(ValueError, match="fewer than 2"):
+        mod._shared_probe_seeds(records)
