@@ -71,14 +71,12 @@ def _pool(a: dict, b: dict) -> dict:
     return {**a, "meta": meta, "records": records}
 
 
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
-
-
 def _shared_probe_seeds(records: list[dict]) -> list[str]:
     """Restrict every checkpoint's probe of a family to the probe seeds all checkpoints ran (the base model keeps
     its own), recomputing the probe's means, its spread and its mean curve from the kept seeds. Returns a note
     per family that lost probe seeds."""
+    from statistics import fmean
+
     from supple.testbed.analysis import probe_seed_values
 
     notes = []
@@ -100,9 +98,9 @@ def _shared_probe_seeds(records: list[dict]) -> list[str]:
             p["per_seed"], p["seeds"] = per, keep
             for k in ("start_loss", "final_loss", "tail_loss", "area"):
                 if k in per and k in p:
-                    p[k] = _mean([float(v) for v in per[k]])
+                    p[k] = fmean([float(v) for v in per[k]])
             if "eval_loss" in per and "eval_loss" in p:
-                p["eval_loss"] = [_mean([float(c[j]) for c in per["eval_loss"]]) for j in range(len(per["eval_loss"][0]))]
+                p["eval_loss"] = [fmean([float(c[j]) for c in per["eval_loss"]]) for j in range(len(per["eval_loss"][0]))]
             if "start_loss" in p:
                 p["improvement"] = p["start_loss"] - p["final_loss"]
                 p["relative_improvement"] = p["improvement"] / p["start_loss"] if p["start_loss"] else float("nan")
