@@ -73,11 +73,10 @@ def _pool(a: dict, b: dict) -> dict:
 
 def _shared_probe_seeds(records: list[dict]) -> list[str]:
     """Restrict every checkpoint's probe of a family to the probe seeds all checkpoints ran (the base model keeps
-    its own), recomputing the probe's means, its spread and its mean curve from the kept seeds. Returns a note
-    per family that lost probe seeds."""
-    from statistics import fmean
-
+    its own; ``supple.testbed.evaluation.restrict_probe_seeds``). Returns a note per family that lost probe
+    seeds."""
     from supple.testbed.analysis import probe_seed_values
+    from supple.testbed.evaluation import restrict_probe_seeds
 
     notes = []
     families = list(dict.fromkeys(f for r in records if r["stage"] != "base" for f in (r.get("probes") or {})))
@@ -92,19 +91,9 @@ def _shared_probe_seeds(records: list[dict]) -> list[str]:
             continue
         if len(keep) < 2:
             raise ValueError(f"the checkpoints share fewer than 2 {fam} probe seeds; re-probe them under the same ones")
-        for p in probed:
-            idx = [list(probe_seed_values(p)).index(k) for k in keep]
-            per = {k: [v[i] for i in idx] for k, v in p["per_seed"].items()}
-            p["per_seed"], p["seeds"] = per, keep
-            for k in ("start_loss", "final_loss", "tail_loss", "area"):
-                if k in per and k in p:
-                    p[k] = fmean([float(v) for v in per[k]])
-            if "eval_loss" in per and "eval_loss" in p:
-                p["eval_loss"] = [fmean([float(c[j]) for c in per["eval_loss"]]) for j in range(len(per["eval_loss"][0]))]
-            if "start_loss" in p:
-                p["improvement"] = p["start_loss"] - p["final_loss"]
-                p["relative_improvement"] = p["improvement"] / p["start_loss"] if p["start_loss"] else float("nan")
-            p["final_loss_spread"] = max(per["final_loss"]) - min(per["final_loss"])
+        for r in records:
+            if r["stage"] != "base" and fam in (r.get("probes") or {}):
+                r["probes"][fam] = restrict_probe_seeds(r["probes"][fam], keep)
         notes.append(f"{fam}: every checkpoint keeps the probe seeds all of them ran ({keep}), so the probe "
                      "intervals resample probe seeds too")
     return notes

@@ -240,6 +240,27 @@ def summarize_probe_runs(family: str, seeds: Sequence[int], runs: Sequence[dict]
     return out
 
 
+def restrict_probe_seeds(probe: dict, keep: Sequence[int]) -> dict:
+    """``probe`` (a :func:`summarize_probe_runs` record) as if only the probe seeds ``keep`` had run: its per-seed
+    values, their means (as :func:`summarize_probe_runs` takes them, run by run), its spread and mean held-out
+    curve. ``train_area`` and the mean training curve, which are not kept per seed, stay as recorded."""
+    order = list(probe["seeds"]) if "seeds" in probe else list(range(len(probe["per_seed"]["final_loss"])))
+    idx = [order.index(k) for k in keep]
+    per = {k: [v[i] for i in idx] for k, v in probe["per_seed"].items()}
+    out = {**probe, "seeds": list(keep), "per_seed": per}
+    for k in ("start_loss", "final_loss", "tail_loss", "area"):
+        if k in per and k in out:
+            out[k] = sum(per[k]) / len(per[k])
+    if "start_loss" in per:
+        runs = list(zip(per["start_loss"], per["final_loss"]))
+        out["improvement"] = sum(s - f for s, f in runs) / len(runs)
+        out["relative_improvement"] = sum((s - f) / s if s else float("nan") for s, f in runs) / len(runs)
+    if "eval_loss" in per and "eval_loss" in out:
+        out["eval_loss"] = [sum(c) / len(c) for c in zip(*per["eval_loss"])]
+    out["final_loss_spread"] = max(per["final_loss"]) - min(per["final_loss"])
+    return out
+
+
 def probe_summary(model, tok, family: str, budget: Budget, name: str) -> dict:
     """The plasticity probe on ``family``, once per probe seed ``0 .. budget.probe_seeds - 1``, summarized
     (:func:`probe_runs`, :func:`summarize_probe_runs`); the same probe seeds for every checkpoint, so probes of
