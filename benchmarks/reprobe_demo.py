@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                     "--base-from: probe nothing, splice the other run's base-model probe in)")
     ap.add_argument("--base-from", default=None, metavar="DIR",
                     help="take the base model's --family probe from another demo's (or re-probe's) results.json in DIR "
-                    "instead of probing it again; its probe settings must equal these")
+                    "instead of probing it again; its probe settings must equal these. With more --base-probe-seeds "
+                    "than it ran, only the missing probe seeds are probed and the two are merged")
     ap.add_argument("--reuse", default=None, metavar="DIR",
                     help="take the --family probe of every checkpoint (and the base model) that another re-probe's "
                     "results.json in DIR measured with these settings and probe seeds, matched by training seed, arm "
@@ -157,6 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     base_budget = replace(budget, probe_seeds=args.base_probe_seeds) if args.base_probe_seeds else budget.for_base_model()
     base_spec = args.base or meta.get("model_spec") or "embedded"
     copied = _base_from(ap, args.base_from, args.family, base_budget) if args.base_from else None
+    extend: list[int] = []  # base-model probe seeds to add to the copied ones
+    if copied is not None and args.base_probe_seeds:
+        have = list(copied.get("seeds", range(len(copied["per_seed"]["final_loss"]))))
+        if have != list(range(len(have))):
+            ap.error(f"--base-from: its base-model probe ran probe seeds {have}, not 0..{len(have) - 1}; "
+                     "it cannot be extended")
+        if args.base_probe_seeds < len(have):
+            ap.error(f"--base-probe-seeds {args.base_probe_seeds}: --base-from's base model ran {len(have)} probe "
+                     f"seeds; pass at least {len(have)} (or leave it out to copy them)")
+        extend = list(range(len(have), args.base_probe_seeds))
     reusable = _reusable(ap, args.reuse, args.family, budget) if args.reuse else {}
     reused: dict[str, dict] = {}  # spec -> the probe record taken from --reuse
 
@@ -172,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             specs[i] = f"<reuse> {_reuse_key(rec)}"
             reused[specs[i]] = old_probe
         elif rec["stage"] == "base":
-            if copied is None:
+            if copied is None or extend:
                 specs[i] = base_spec
         elif args.base_only:
             if args.family not in rec["probes"]:
@@ -186,16 +197,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"reprobe: {len(todo)} checkpoint(s), {args.family} {args.steps} steps @ {args.lr:g}, "
           + (f"base model only, {base_budget.probe_seeds} probe seeds" if args.base_only else
              f"{budget.probe_seeds} probe seeds (base model {base_budget.probe_seeds})")
-          + (f"; the base model's probe copied from {args.base_from}" if copied is not None else "")
+          + (f"; the base model's probe copied from {args.base_from}" if copied is not None and not extend else "")
+          + (f"; the base model's probe from {args.base_from} extended by probe seeds {extend[0]}-{extend[-1]}"
+             if extend else "")
           + (f"; {len(reused)} record(s) reused from {args.reuse}" if reused else "")
           + f", {args.workers} worker(s)", flush=True)
-    from supple.testbed.evaluation import summarize_probe_runs
+    from supple.testbed.evaluation import merge_probe_records, summarize_probe_runs
 
     def budget_of(spec: str):
         return base_budget if spec == base_spec else budget
 
-    jobs = [(spec, args.family, asdict(budget_of(spec)), seed, 1)
-            for spec in todo for seed in range(budget_of(spec).probe_seeds)]
+    def seeds_of(spec: str) -> list[int]:
+        return extend if spec == base_spec and extend else list(range(budget_of(spec).probe_seeds))
+
+    jobs = [(spec, args.family, asdict(budget_of(spec)), seed, 1) for spec in todo for seed in seeds_of(spec)]
     t0 = time.perf_counter()
     runs: dict[str, dict[int, dict]] = {spec: {} for spec in todo}
     seconds: dict[str, float] = dict.fromkeys(todo, 0.0)
@@ -210,10 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         for spec, seed, run, sec in done:
             runs[spec][seed] = run
             seconds[spec] += sec
-            if len(runs[spec]) == budget_of(spec).probe_seeds:
+            if len(runs[spec]) == len(seeds_of(spec)):
                 seeds = sorted(runs[spec])
                 probed[spec] = {**summarize_probe_runs(args.family, seeds, [runs[spec][k] for k in seeds]),
                                 "seconds": seconds[spec]}
+                if spec == base_spec and extend:
+                    probed[spec] = merge_probe_records(copied, probed[spec])
                 print(f"  {spec}: final {probed[spec]['final_loss']:.3f} (noise {probed[spec]['final_loss_spread']:.3f}, "
                       f"{len(seeds)} probe seeds, {seconds[spec]:.0f} s)", flush=True)
 
@@ -227,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         reproduced = shared_probe_seed_difference(old, probed[base_spec])
         if reproduced is not None:
             print(f"  base model: the shared probe seeds reproduce the recorded values within {reproduced:.2e}")
-    if copied is not None:
+    if copied is not None and not extend:
         probed["<base-from>"] = copied
         specs.update({i: "<base-from>" for i, rec in enumerate(results["records"]) if rec["stage"] == "base"})
     for i, spec in specs.items():
@@ -238,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["budget"]["probe_overrides"] = budget.probe_overrides  # the report names the settings each family ran
     meta["reprobe"] = {"family": args.family, "probe_steps": args.steps, "probe_lr": args.lr,
                        "probe_seeds": budget.probe_seeds, "base_probe_seeds": base_budget.probe_seeds,
-                       "base_only": args.base_only, "base_from": args.base_from,
+                       "base_only": args.base_only, "base_from": args.base_from, "base_extended_by": extend,
                        "reuse": args.reuse, "reused": len(reused),
                        "base_reproduced_within": reproduced, "probe_rank": budget.probe_rank,
                        "probe_batch": budget.probe_batch, "probe_format": budget.probe_format,

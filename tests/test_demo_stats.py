@@ -108,6 +108,11 @@ def test_analyze_constructed_arms():
     assert an["goal"]["good"]["all"] and not an["goal"]["bad"]["all"]
     assert not an["goal"]["bad"]["forgetting"]  # its first-task CE is higher on every seed
     assert good["stage quality"]["dpo reward acc"]["relative"]["estimate"] == pytest.approx(1.0)
+    from supple.testbed.verdict import _quality_lines
+
+    quality = _quality_lines(an)  # one line per arm but the baseline, every stage metric with its interval
+    assert [ln.split()[0] for ln in quality] == ["good", "bad"]
+    assert "dpo reward acc 1.00 [1.00, 1.00]" in quality[0] and "sft2 acc sorting 1.00" in quality[0]
     # a probe whose own noise on one baseline checkpoint exceeds a third of the change is not quiet
     recs[[i for i, r in enumerate(recs) if (r["arm"], r["seed"], r["stage_index"]) == ("baseline", 1, 3)][0]][
         "probes"]["reverse_words"]["final_loss_spread"] = 0.08
@@ -258,3 +263,29 @@ def test_difference_from_an_unpaired_base_model():
     arm = [[v - 0.45 for v in row] for row in table]
     s = recovered_share_crossed(base, table, arm, higher_is_better=False, paired_base=False)
     assert s["estimate"] == pytest.approx(0.5) and s["gap"] == pytest.approx(0.9) and s["lo"] < 0.5 < s["hi"]
+
+
+def test_probe_noise_as_measured_is_the_standard_error_of_the_means():
+    """Besides one run's spread, the problem reports the standard error the probe seeds add to the change as it is
+    measured (means over probe seeds): sqrt(var_base / n_base + mean var_checkpoint / (n_checkpoint · T)), written
+    out here from the constructed per-seed values; 'quiet as measured' compares it with a third of the change."""
+    recs = []
+    for seed in (0, 1, 2):
+        recs.append(_rec("baseline", seed, 0, 2.5, 0.7))
+        for idx in (1, 2):
+            recs.append(_rec("baseline", seed, idx, 3.0, 0.5))
+        recs.append(_rec("baseline", seed, 3, 4.0 + 0.1 * seed, 0.4))
+    for r in recs:
+        p = r["probes"]["reverse_words"]
+        if r["stage_index"] == 0:  # the base model: 4 probe seeds (mean 2.5, variance 0.52 / 3)
+            p.update(seeds=[0, 1, 2, 3], per_seed={"final_loss": [2.0, 2.4, 2.6, 3.0]}, final_loss_spread=1.0)
+        else:  # each checkpoint: 2 probe seeds at its mean ∓ 0.1 (variance 0.02)
+            v = p["final_loss"]
+            p.update(seeds=[0, 1], per_seed={"final_loss": [v - 0.1, v + 0.1]}, final_loss_spread=0.2)
+    prob = analyze(_results(recs))["problem"]["probe reverse_words"]
+    expect = math.sqrt((0.52 / 3) / 4 + 0.02 / (2 * 3))
+    assert prob["estimate"] == pytest.approx(1.6) and prob["noise_se"] == pytest.approx(expect)
+    assert prob["quiet_mean"]  # 0.216 <= 1.6 / 3
+    assert not prob["quiet"]  # one run's spread on the base model, 1.0, is over a third of 1.6
+    lines = "\n".join(_problem_lines(analyze(_results(recs))))
+    assert f"their standard error in the change {expect:.3f} (at most a third of it)" in lines

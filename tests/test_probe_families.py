@@ -117,3 +117,36 @@ def test_summarize_probe_runs_keeps_every_probe_seeds_values_and_curve():
     assert out["eval_loss"] == [5.0, 2.5, 1.5] and out["final_loss_spread"] == 1.0
     with pytest.raises(ValueError, match="one run per probe seed"):
         summarize_probe_runs("word_codes", [0], runs)
+
+
+def test_merge_probe_records_equals_one_record_of_every_seed():
+    """Two records of one model under disjoint probe seeds merge into what one record of all the runs holds: the
+    per-seed values sorted by seed, every mean taken over all runs (written out here from the runs themselves),
+    the spread over all of them; overlapping seeds, another family or other evaluation steps are refused."""
+    from supple.testbed.evaluation import merge_probe_records, summarize_probe_runs
+
+    def run(start, final, area, train_area, train):
+        return dict(start_loss=start, final_loss=final, tail_loss=final + 0.5, improvement=start - final,
+                    relative_improvement=(start - final) / start, area=area, train_area=train_area,
+                    eval_steps=[0, 5], eval_loss=[start, final], train_loss=train)
+
+    runs = {0: run(4.0, 1.0, 2.0, 1.0, [3.0, 1.0]), 1: run(8.0, 2.0, 3.0, 2.0, [5.0, 2.0]),
+            2: run(5.0, 4.0, 4.0, 3.0, [4.0, 3.0])}
+    a = {**summarize_probe_runs("f", [0, 2], [runs[0], runs[2]]), "seconds": 10.0}
+    b = {**summarize_probe_runs("f", [1], [runs[1]]), "seconds": 5.0}
+    out = merge_probe_records(a, b)
+    assert out["seeds"] == [0, 1, 2]
+    assert out["per_seed"]["final_loss"] == [1.0, 2.0, 4.0]
+    assert out["per_seed"]["eval_loss"] == [[4.0, 1.0], [8.0, 2.0], [5.0, 4.0]]
+    assert out["final_loss"] == pytest.approx(7.0 / 3) and out["start_loss"] == pytest.approx(17.0 / 3)
+    assert out["improvement"] == pytest.approx((3.0 + 6.0 + 1.0) / 3)
+    assert out["relative_improvement"] == pytest.approx((3 / 4 + 6 / 8 + 1 / 5) / 3)  # a mean of per-run ratios
+    assert out["area"] == pytest.approx(3.0) and out["train_area"] == pytest.approx(2.0)
+    assert out["train_loss"] == pytest.approx([4.0, 2.0]) and out["eval_loss"] == pytest.approx([17 / 3, 7 / 3])
+    assert out["final_loss_spread"] == 3.0 and out["seconds"] == 15.0
+    with pytest.raises(ValueError, match="share probe seeds"):
+        merge_probe_records(a, a)
+    with pytest.raises(ValueError, match="different families"):
+        merge_probe_records(a, {**b, "family": "g"})
+    with pytest.raises(ValueError, match="different steps"):
+        merge_probe_records(a, {**b, "eval_steps": [0, 10]})

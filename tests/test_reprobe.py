@@ -169,6 +169,26 @@ def test_reprobe_base_only_with_more_probe_seeds_then_base_from(demo, tmp_path, 
     spliced = json.loads((dest3 / "results.json").read_text())
     for a, b in zip(after["records"], spliced["records"]):
         assert a.get("probes") == b.get("probes")
+    # --base-from with more --base-probe-seeds: only the missing seeds (3, 4) are probed, and the merged record is
+    # the one a single run of all five seeds writes
+    dest4 = tmp_path / "extended"
+    assert _load_reprobe().main(["--demo", str(out), *common, "--base-only", "--base-from", str(dest),
+                                 "--base-probe-seeds", "5", "--out", str(dest4)]) == 0
+    assert "extended by probe seeds 3-4" in capsys.readouterr().out
+    dest5 = tmp_path / "direct5"
+    assert _load_reprobe().main(["--demo", str(out), *common, "--base-only", "--base-probe-seeds", "5",
+                                 "--out", str(dest5)]) == 0
+    ext, direct = (next(r for r in json.loads((d / "results.json").read_text())["records"]
+                        if r["stage"] == "base")["probes"][family] for d in (dest4, dest5))
+    assert ext["seeds"] == direct["seeds"] == [0, 1, 2, 3, 4]
+    assert ext["per_seed"]["final_loss"] == pytest.approx(direct["per_seed"]["final_loss"], abs=1e-6)
+    for key in ("final_loss", "start_loss", "area", "train_area", "relative_improvement", "final_loss_spread"):
+        assert ext[key] == pytest.approx(direct[key], abs=1e-6), key
+    assert ext["train_loss"] == pytest.approx(direct["train_loss"], abs=1e-6)
+    with pytest.raises(SystemExit):  # fewer probe seeds than the copied record ran
+        _load_reprobe().main(["--demo", str(out), *common, "--base-only", "--base-from", str(dest),
+                              "--base-probe-seeds", "2", "--out", str(tmp_path / "bad")])
+    assert "pass at least 3" in capsys.readouterr().err
     # refused: the base model probed other than the checkpoints were, or copied from a run with other settings
     for extra in (["--base-only"], ["--base-from", str(dest)]):
         with pytest.raises(SystemExit):

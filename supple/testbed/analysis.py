@@ -136,11 +136,17 @@ def analyze(results: dict) -> dict:
         worst = max(known) if known else float("nan")
         ps = per_probe_seed(base, fam)
         sd = _sd(ps[1]) if ps is not None else float("nan")
+        se = _probe_seed_se(ps, [per_probe_seed(by.get(("baseline", s, last)), fam) for s in seeds])
         problem[f"probe {fam}"] = {"base": b, **d, "noise": noise_base, "noise_sd": sd,
                                    "n_probe_base": len(ps[1]) if ps is not None else 0,
                                    "noise_last": max(noise_last) if noise_last else float("nan"),
-                                   # quiet: the probe's own noise at most a third of the change it measures
+                                   # quiet: the probe's own noise (one run's spread over probe seeds, on the base
+                                   # model and on every baseline checkpoint) at most a third of the change
                                    "quiet": bool(math.isfinite(worst) and worst <= abs(d["estimate"]) / 3),
+                                   # the standard error the probe seeds add to the change as measured (means over
+                                   # probe seeds), and whether that is at most a third of it
+                                   "noise_se": se,
+                                   "quiet_mean": bool(math.isfinite(se) and se <= abs(d["estimate"]) / 3),
                                    "degraded": d["lo"] > 0}  # the probe loss rose, CI above 0
     b_ood = _get(base, ood_fn)
     vals = col("baseline", last, ood_fn)
@@ -203,6 +209,18 @@ def _sd(vals: list[float]) -> float:
         return float("nan")
     m = sum(vals) / len(vals)
     return math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def _probe_seed_se(base: tuple | None, last: list[tuple | None]) -> float:
+    """The standard error that the probe seeds add to the baseline's change on a probe, base model vs the mean of
+    the baseline's last-stage checkpoints, each a mean over its probe seeds: sqrt(s_b² / n_b + s̄_c² / (n_c · T)),
+    with s_b² the base model's variance over its n_b probe seeds, s̄_c² the mean over the T checkpoints of their
+    variance over their probe seeds, n_c the probe seeds per checkpoint. NaN without per-seed values (≥ 2 each)."""
+    if base is None or len(base[1]) < 2 or not last or any(c is None or len(c[1]) < 2 for c in last):
+        return float("nan")
+    var_c = sum(_sd(c[1]) ** 2 for c in last) / len(last)
+    n_c = sum(len(c[1]) for c in last) / len(last)
+    return math.sqrt(_sd(base[1]) ** 2 / len(base[1]) + var_c / (n_c * len(last)))
 
 
 def _ratio_of_means(a: list[float], b: list[float]) -> float:

@@ -240,14 +240,10 @@ def summarize_probe_runs(family: str, seeds: Sequence[int], runs: Sequence[dict]
     return out
 
 
-def restrict_probe_seeds(probe: dict, keep: Sequence[int]) -> dict:
-    """``probe`` (a :func:`summarize_probe_runs` record) as if only the probe seeds ``keep`` had run: its per-seed
-    values, their means (as :func:`summarize_probe_runs` takes them, run by run), its spread and mean held-out
-    curve. ``train_area`` and the mean training curve, which are not kept per seed, stay as recorded."""
-    order = list(probe["seeds"]) if "seeds" in probe else list(range(len(probe["per_seed"]["final_loss"])))
-    idx = [order.index(k) for k in keep]
-    per = {k: [v[i] for i in idx] for k, v in probe["per_seed"].items()}
-    out = {**probe, "seeds": list(keep), "per_seed": per}
+def _from_per_seed(probe: dict, seeds: Sequence[int], per: dict[str, list]) -> dict:
+    """``probe`` with the per-seed values ``per`` under ``seeds``, and every mean :func:`summarize_probe_runs`
+    takes recomputed from them, run by run (the relative improvement is a mean of per-run ratios)."""
+    out = {**probe, "seeds": list(seeds), "per_seed": per}
     for k in ("start_loss", "final_loss", "tail_loss", "area"):
         if k in per and k in out:
             out[k] = sum(per[k]) / len(per[k])
@@ -259,6 +255,48 @@ def restrict_probe_seeds(probe: dict, keep: Sequence[int]) -> dict:
         out["eval_loss"] = [sum(c) / len(c) for c in zip(*per["eval_loss"])]
     out["final_loss_spread"] = max(per["final_loss"]) - min(per["final_loss"])
     return out
+
+
+def _probe_seed_order(probe: dict) -> list[int]:
+    return list(probe["seeds"]) if "seeds" in probe else list(range(len(probe["per_seed"]["final_loss"])))
+
+
+def restrict_probe_seeds(probe: dict, keep: Sequence[int]) -> dict:
+    """``probe`` (a :func:`summarize_probe_runs` record) as if only the probe seeds ``keep`` had run: its per-seed
+    values, their means (as :func:`summarize_probe_runs` takes them, run by run), its spread and mean held-out
+    curve. ``train_area`` and the mean training curve, which are not kept per seed, stay as recorded."""
+    order = _probe_seed_order(probe)
+    idx = [order.index(k) for k in keep]
+    return _from_per_seed(probe, keep, {k: [v[i] for i in idx] for k, v in probe["per_seed"].items()})
+
+
+def merge_probe_records(a: dict, b: dict) -> dict:
+    """Two :func:`summarize_probe_runs` records of one model and one probe setting under disjoint probe seeds, as
+    one record of all their seeds (sorted): what a single run of every seed would have recorded. ``train_area``,
+    the mean training curve and ``seconds``, which are not kept per seed, combine as the mean (sum) over all runs.
+    Raises ValueError when the records overlap in probe seeds, differ in family or evaluation steps, or lack
+    per-seed values."""
+    if a.get("family") != b.get("family"):
+        raise ValueError(f"probe records of different families: {a.get('family')} and {b.get('family')}")
+    if "per_seed" not in a or "per_seed" not in b:
+        raise ValueError("a probe record without per-seed values cannot be merged")
+    if a.get("eval_steps") != b.get("eval_steps"):
+        raise ValueError(f"probe records evaluated at different steps: {a.get('eval_steps')} and {b.get('eval_steps')}")
+    sa, sb = _probe_seed_order(a), _probe_seed_order(b)
+    if set(sa) & set(sb):
+        raise ValueError(f"probe records share probe seeds {sorted(set(sa) & set(sb))}: nothing to merge")
+    keys = [k for k in a["per_seed"] if k in b["per_seed"]]
+    pairs = sorted([(s, a, i) for i, s in enumerate(sa)] + [(s, b, i) for i, s in enumerate(sb)], key=lambda t: t[0])
+    per = {k: [rec["per_seed"][k][i] for _, rec, i in pairs] for k in keys}
+    na, nb = len(sa), len(sb)
+    out = {**a}
+    if "train_area" in a and "train_area" in b:
+        out["train_area"] = (na * a["train_area"] + nb * b["train_area"]) / (na + nb)
+    if a.get("train_loss") and b.get("train_loss"):
+        out["train_loss"] = [(na * x + nb * y) / (na + nb) for x, y in zip(a["train_loss"], b["train_loss"])]
+    if "seconds" in a or "seconds" in b:
+        out["seconds"] = a.get("seconds", 0.0) + b.get("seconds", 0.0)
+    return _from_per_seed(out, [s for s, _, _ in pairs], per)
 
 
 def probe_summary(model, tok, family: str, budget: Budget, name: str) -> dict:

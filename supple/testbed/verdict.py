@@ -71,6 +71,9 @@ def _problem_lines(an: dict) -> list[str]:
                 noise += f", baseline after {an['last_stage']} up to {p['noise_last']:.3f}"
             if "quiet" in p:
                 noise += " (quiet: at most a third of the change)" if p["quiet"] else " (noisy: over a third of the change)"
+            if math.isfinite(p.get("noise_se", float("nan"))):
+                noise += (f"; as measured, means over probe seeds, their standard error in the change {p['noise_se']:.3f}"
+                          + (" (at most a third of it)" if p.get("quiet_mean") else " (over a third of it)"))
         verdict = "degraded" if p.get("degraded") else "not degraded"
         over = f" over {p['ci']}" if p.get("ci") else ""
         lines.append(f"{name}: base {p['base']:.3f} -> baseline after {an['last_stage']} "
@@ -91,6 +94,19 @@ def _versus_lines(an: dict) -> list[str]:
     return lines
 
 
+def _quality_lines(an: dict) -> list[str]:
+    """Each arm's stage quality against the baseline's, metric by metric: the ratio of means with its paired CI
+    over training seeds (1 = the baseline's; the goal asks for at least 0.95)."""
+    lines = []
+    for arm, a in an["arms"].items():
+        q = a.get("stage quality") or {}
+        parts = [f"{label} {r['estimate']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]" for label, v in q.items()
+                 if math.isfinite((r := v["relative"])["estimate"])]
+        if arm != "baseline" and parts:
+            lines.append(f"{arm} stage quality / baseline's (ratio of means, paired CI): " + ", ".join(parts))
+    return lines
+
+
 def format_verdict(results: dict) -> str:
     """The per-arm table with its legend, and the baseline's degradation (fixed-width text)."""
     an = results.get("analysis") or {}
@@ -100,7 +116,7 @@ def format_verdict(results: dict) -> str:
     widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     out = ["The problem (baseline vs base model, paired over seeds " + str(an["seeds"]) + "):"]
-    out += ["  " + ln for ln in _problem_lines(an) + _versus_lines(an)]
+    out += ["  " + ln for ln in _problem_lines(an) + _versus_lines(an) + _quality_lines(an)]
     out += ["", fmt(header), "-" * len(fmt(header)), *[fmt(r) for r in rows], ""]
     out += [f"  {ln}" for ln in VERDICT_LEGEND]
     met = [arm for arm, g in an.get("goal", {}).items() if g.get("all")]
@@ -117,7 +133,7 @@ def verdict_markdown(results: dict) -> str:
     header, rows = _rows(an)
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += ["", *[f"- {ln}" for ln in _problem_lines(an) + _versus_lines(an)], "",
+    lines += ["", *[f"- {ln}" for ln in _problem_lines(an) + _versus_lines(an) + _quality_lines(an)], "",
               *[f"- {ln}" for ln in VERDICT_LEGEND]]
     return "\n".join(lines)
 
