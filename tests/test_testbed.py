@@ -212,6 +212,10 @@ def _check_outputs(out, seeds, arms, stages):
     return res
 
 
+def res_stages(out):
+    return json.loads((out / "results.json").read_text())["meta"]["stages"]
+
+
 def test_demo_cli_tiny_end_to_end(tmp_path, capsys):
     from supple.cli import main
 
@@ -221,6 +225,9 @@ def test_demo_cli_tiny_end_to_end(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "recovered" in printed and "sft2" in printed and "plan:" in printed
+    plan = next(ln for ln in printed.splitlines() if "plan:" in ln)
+    for st in res_stages(out):  # the plan names every stage's steps and learning rate before the run starts
+        assert f"{st['name']} ({st['steps']} steps @ lr {st['lr']:g})" in plan
     assert "too short" in printed  # a short preset says it cannot show the effect
     arms = ["baseline", "supple"]
     res = _check_outputs(out, [0, 1], arms, ["sft", "dpo", "sft2"])

@@ -260,7 +260,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                  for j in jobs if (j.seed, j.arm) in done)
     if cfg.announce:
         cfg.announce(f"plan: {len(arms)} arm(s) [{', '.join(arms)}] x {len(cfg.seeds)} training seed(s) "
-                     f"{list(cfg.seeds)} x stages {' -> '.join(f'{s.name} ({s.steps} steps)' for s in stages)}, "
+                     f"{list(cfg.seeds)} x stages {' -> '.join(f'{s.name} ({s.steps} steps @ lr {s.lr:g})' for s in stages)}, "
                      f"{'LoRA' if cfg.lora else 'full fine-tuning'}; probes "
                      f"{budget.describe_probes(plan.probe_families)} x {budget.probe_seeds} probe seeds"
                      f"{f' (base model {budget.probe_seeds_base})' if budget.probe_seeds_base else ''}; {budget.n_eval} held-out "
