@@ -259,7 +259,7 @@ def test_demo_lr_overrides_the_chosen_regime_only(monkeypatch, tmp_path):
 
 def test_demo_says_on_screen_what_its_budget_can_show(monkeypatch, tmp_path, capsys):
     """The default budget says before it starts that it shows no loss of plasticity and which stages do; --quick
-    says it is too short; a run with its own --steps or --lora gets neither line."""
+    says it is too short; a run with its own --steps, --lr or --lora gets neither line."""
     import supple.testbed.pipeline as pipeline
 
     def fake_run_demo(cfg):
@@ -268,9 +268,9 @@ def test_demo_says_on_screen_what_its_budget_can_show(monkeypatch, tmp_path, cap
     monkeypatch.setattr(pipeline, "run_demo", fake_run_demo)
     said = {}
     for name, extra in (("default", []), ("quick", ["--quick"]), ("steps", ["--steps", "sft=240"]),
-                        ("lora", ["--lora"])):
+                        ("lora", ["--lora"]), ("lr", ["--lr", "sft=2e-4"])):
         assert main(["demo", "--model", "tiny", *extra, "--out", str(tmp_path)]) == 2
         said[name] = capsys.readouterr().out
     assert "no probe shows a loss of plasticity" in said["default"] and "--steps sft=240" in said["default"]
     assert "too short for the baseline" in said["quick"] and "no probe shows" not in said["quick"]
-    assert "no probe shows" not in said["steps"] and "no probe shows" not in said["lora"]
+    assert all("no probe shows" not in said[k] for k in ("steps", "lora", "lr"))

@@ -173,7 +173,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"supple demo: --{args.preset} is a first look at the outputs: its stages are too short for the baseline "
               "to degrade, so it cannot show the problem or its cure (run without --quick for that)",
               flush=True)
-    elif args.preset == "default" and not args.steps and not cfg.lora:
+    elif args.preset == "default" and not args.steps and not args.lr and not cfg.lora:  # what was measured
         print("supple demo: at this budget the baseline loses out-of-domain accuracy and forgets the first task, "
               "but no probe shows a loss of plasticity; stages of 240 / 60 / 120 steps (--steps sft=240 --steps "
               "dpo=60 --steps sft2=120, 40-55 min per arm on 2 CPU cores) do (docs/demo.md)", flush=True)
