@@ -427,3 +427,24 @@ def test_busy_cores_reads_the_cpu_time_spent_now_not_the_lagging_load_average(tm
     assert pipeline._busy_cores(4, stat=str(stat)) == 3.0
     monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 0.0, 0.0))
     assert pipeline._busy_cores(4, stat=str(tmp_path / "missing")) == 1.5  # fallback where /proc/stat is absent
+
+
+def test_resume_with_other_supple_overrides_reruns_the_supple_arm_only(tmp_path, capsys):
+    """--supple overrides change the supple arm alone, so under --resume they rerun its jobs and reuse the base
+    model's and the baseline's (identical records); the rerun arm carries the new setting."""
+    from supple.cli import main
+
+    out = tmp_path / "demo"
+    argv = ["demo", "--model", "tiny", "--preset", "smoke", "--stages", "sft", "--arms", "baseline,supple",
+            "--seeds", "1", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    first = json.loads((out / "results.json").read_text())
+    lines = (out / "jobs.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["arm"] for ln in lines] == [None, "baseline", "supple"]
+    assert main([*argv, "--resume", "--supple", "diversity_weight=3"]) == 0
+    new = (out / "jobs.jsonl").read_text().splitlines()
+    assert new[:3] == lines and [json.loads(ln)["arm"] for ln in new[3:]] == ["supple"]  # one job reran
+    again = json.loads((out / "results.json").read_text())
+    pick = lambda res, arm: [r for r in res["records"] if r["arm"] == arm]  # noqa: E731
+    assert pick(again, "baseline") == pick(first, "baseline")
+    assert again["meta"]["supple_overrides"] == {"diversity_weight": 3.0}

@@ -24,23 +24,28 @@ class Journal:
     ``--resume`` reruns only what is missing. A line counts only for the same model, budget, stages, regime and
     supple overrides (its ``signature``). The base-model job is signed with the probe seeds it runs
     (``Budget.for_base_model``) and the (seed, arm) jobs without ``probe_seeds_base``, so changing
-    ``--base-probe-seeds`` under ``--resume`` reruns the base model only."""
+    ``--base-probe-seeds`` under ``--resume`` reruns the base model only. The supple arm's overrides
+    (``--supple``) sign the supple arm's jobs only, the one arm they change: trying another supple setting under
+    ``--resume`` reuses the baseline's and the other arms' jobs."""
 
     def __init__(self, cfg: DemoConfig, stages: list[Stage]) -> None:
         self.path = os.path.join(cfg.out, "jobs.jsonl") if cfg.out else None
         rest = {"model": cfg.model, "stages": [asdict(s) for s in stages], "lora": cfg.lora,
-                "supple": cfg.supple_overrides, "defaults": SUPPLE_ARM_DEFAULTS, "probes": list(T.PROBE_FAMILIES)}
+                "defaults": SUPPLE_ARM_DEFAULTS, "probes": list(T.PROBE_FAMILIES)}
 
-        def sign(budget: Budget) -> str:
-            return json.dumps({**rest, "budget": asdict(replace(budget, probe_seeds_base=0))}, sort_keys=True,
-                              default=str)
+        def sign(budget: Budget, overrides: dict) -> str:
+            return json.dumps({**rest, "supple": overrides, "budget": asdict(replace(budget, probe_seeds_base=0))},
+                              sort_keys=True, default=str)
 
-        self.base_signature, self.signature = sign(cfg.budget.for_base_model()), sign(cfg.budget)
+        self.base_signature = sign(cfg.budget.for_base_model(), {})
+        self.signature, self.supple_signature = sign(cfg.budget, {}), sign(cfg.budget, cfg.supple_overrides)
         if self.path and not cfg.resume and os.path.exists(self.path):
             os.remove(self.path)
 
-    def _signature_for(self, seed: int | None) -> str:
-        return self.base_signature if seed is None else self.signature
+    def _signature_for(self, seed: int | None, arm: str | None) -> str:
+        if seed is None:
+            return self.base_signature
+        return self.supple_signature if arm == "supple" else self.signature
 
     def load(self) -> dict[tuple, dict]:
         out: dict[tuple, dict] = {}
@@ -52,7 +57,7 @@ class Journal:
                     row = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by an interruption
                     continue
-                ours = self._signature_for(row.get("seed"))
+                ours = self._signature_for(row.get("seed"), row.get("arm"))
                 if row.get("signature") == ours or self._compatible(row.get("signature"), ours):
                     out[(row["seed"], row["arm"])] = row["out"]
         return out
@@ -75,7 +80,7 @@ class Journal:
         if not self.path:
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        line = json.dumps({"signature": self._signature_for(job.seed), "seed": job.seed, "arm": job.arm, "out": out},
+        line = json.dumps({"signature": self._signature_for(job.seed, job.arm), "seed": job.seed, "arm": job.arm, "out": out},
                           default=lambda o: o.item() if hasattr(o, "item") else str(o))
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")
