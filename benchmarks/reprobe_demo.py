@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 if spec == base_spec and extend:
                     probed[spec] = merge_probe_records(copied, probed[spec])
                 print(f"  {spec}: final {probed[spec]['final_loss']:.3f} (noise {probed[spec]['final_loss_spread']:.3f}, "
-                      f"{len(seeds)} probe seeds, {seconds[spec]:.0f} s)", flush=True)
+                      f"{len(probed[spec]['seeds'])} probe seeds, {seconds[spec]:.0f} s)", flush=True)
 
     probes = meta.setdefault("families", {}).setdefault("probes", [])
     if args.family not in probes:  # a family the demo did not probe: added as the last one
