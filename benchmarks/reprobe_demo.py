@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     copied = _base_from(ap, args.base_from, args.family, base_budget) if args.base_from else None
     extend: list[int] = []  # base-model probe seeds to add to the copied ones
     if copied is not None and args.base_probe_seeds:
-        have = list(copied.get("seeds", range(len(copied["per_seed"]["final_loss"]))))
+        from supple.testbed.evaluation import probe_seed_order
+
+        have = probe_seed_order(copied)
         if have != list(range(len(have))):
             ap.error(f"--base-from: its base-model probe ran probe seeds {have}, not 0..{len(have) - 1}; "
                      "it cannot be extended")

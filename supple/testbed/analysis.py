@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from .evaluation import probe_seed_order
 from .stats import (
     bootstrap_ci,
     difference_from_base_crossed,
@@ -32,8 +33,7 @@ __all__ = ["analyze", "probe_seed_values", "shared_probe_seed_difference", "stag
 def probe_seed_values(probe: dict) -> dict[int, float]:
     """A probe record's final loss per probe seed (``per_seed.final_loss`` under ``seeds``; records written before
     ``seeds`` was kept ran probe seeds 0, 1, ...). Raises KeyError when the record kept no per-seed values."""
-    vals = [float(v) for v in probe["per_seed"]["final_loss"]]
-    return dict(zip(probe.get("seeds", range(len(vals))), vals))
+    return dict(zip(probe_seed_order(probe), (float(v) for v in probe["per_seed"]["final_loss"])))
 
 
 def shared_probe_seed_difference(a: dict, b: dict) -> float | None:
@@ -136,8 +136,9 @@ def analyze(results: dict) -> dict:
         worst = max(known) if known else float("nan")
         ps = per_probe_seed(base, fam)
         sd = _sd(ps[1]) if ps is not None else float("nan")
-        se = _probe_seed_se(ps, [per_probe_seed(by.get(("baseline", s, last)), fam) for s in seeds])
-        problem[f"probe {fam}"] = {"base": b, **d, "noise": noise_base, "noise_sd": sd,
+        se_base = sd / math.sqrt(len(ps[1])) if ps is not None else float("nan")
+        se = _probe_seed_se(se_base, [per_probe_seed(by.get(("baseline", s, last)), fam) for s in seeds])
+        problem[f"probe {fam}"] = {"base": b, **d, "noise": noise_base, "noise_sd": sd, "noise_se_base": se_base,
                                    "n_probe_base": len(ps[1]) if ps is not None else 0,
                                    "noise_last": max(noise_last) if noise_last else float("nan"),
                                    # quiet: the probe's own noise (one run's spread over probe seeds, on the base
@@ -211,16 +212,17 @@ def _sd(vals: list[float]) -> float:
     return math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
 
 
-def _probe_seed_se(base: tuple | None, last: list[tuple | None]) -> float:
+def _probe_seed_se(se_base: float, last: list[tuple | None]) -> float:
     """The standard error that the probe seeds add to the baseline's change on a probe, base model vs the mean of
     the baseline's last-stage checkpoints, each a mean over its probe seeds: sqrt(s_b² / n_b + s̄_c² / (n_c · T)),
-    with s_b² the base model's variance over its n_b probe seeds, s̄_c² the mean over the T checkpoints of their
-    variance over their probe seeds, n_c the probe seeds per checkpoint. NaN without per-seed values (≥ 2 each)."""
-    if base is None or len(base[1]) < 2 or not last or any(c is None or len(c[1]) < 2 for c in last):
+    with ``se_base`` = s_b / √n_b the base model's standard error over its n_b probe seeds, s̄_c² the mean over the
+    T checkpoints of their variance over their probe seeds, n_c the probe seeds per checkpoint. NaN without
+    per-seed values (≥ 2 each)."""
+    if not math.isfinite(se_base) or not last or any(c is None or len(c[1]) < 2 for c in last):
         return float("nan")
     var_c = sum(_sd(c[1]) ** 2 for c in last) / len(last)
     n_c = sum(len(c[1]) for c in last) / len(last)
-    return math.sqrt(_sd(base[1]) ** 2 / len(base[1]) + var_c / (n_c * len(last)))
+    return math.sqrt(se_base ** 2 + var_c / (n_c * len(last)))
 
 
 def _ratio_of_means(a: list[float], b: list[float]) -> float:

@@ -257,7 +257,9 @@ def _from_per_seed(probe: dict, seeds: Sequence[int], per: dict[str, list]) -> d
     return out
 
 
-def _probe_seed_order(probe: dict) -> list[int]:
+def probe_seed_order(probe: dict) -> list[int]:
+    """The probe seeds of a :func:`summarize_probe_runs` record, in the order of its per-seed values (records written
+    before ``seeds`` was kept ran probe seeds 0, 1, ...). Raises KeyError when it kept no per-seed values."""
     return list(probe["seeds"]) if "seeds" in probe else list(range(len(probe["per_seed"]["final_loss"])))
 
 
@@ -265,7 +267,7 @@ def restrict_probe_seeds(probe: dict, keep: Sequence[int]) -> dict:
     """``probe`` (a :func:`summarize_probe_runs` record) as if only the probe seeds ``keep`` had run: its per-seed
     values, their means (as :func:`summarize_probe_runs` takes them, run by run), its spread and mean held-out
     curve. ``train_area`` and the mean training curve, which are not kept per seed, stay as recorded."""
-    order = _probe_seed_order(probe)
+    order = probe_seed_order(probe)
     idx = [order.index(k) for k in keep]
     return _from_per_seed(probe, keep, {k: [v[i] for i in idx] for k, v in probe["per_seed"].items()})
 
@@ -282,7 +284,7 @@ def merge_probe_records(a: dict, b: dict) -> dict:
         raise ValueError("a probe record without per-seed values cannot be merged")
     if a.get("eval_steps") != b.get("eval_steps"):
         raise ValueError(f"probe records evaluated at different steps: {a.get('eval_steps')} and {b.get('eval_steps')}")
-    sa, sb = _probe_seed_order(a), _probe_seed_order(b)
+    sa, sb = probe_seed_order(a), probe_seed_order(b)
     if set(sa) & set(sb):
         raise ValueError(f"probe records share probe seeds {sorted(set(sa) & set(sb))}: nothing to merge")
     keys = [k for k in a["per_seed"] if k in b["per_seed"]]

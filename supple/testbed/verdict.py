@@ -65,8 +65,8 @@ def _problem_lines(an: dict) -> list[str]:
         if "noise" in p:
             noise = f"; probe noise (max - min over probe seeds): base model {p['noise']:.3f}"
             if math.isfinite(p.get("noise_sd", float("nan"))):
-                se = p["noise_sd"] / p["n_probe_base"] ** 0.5
-                noise += f" (sd {p['noise_sd']:.3f} over {p['n_probe_base']} probe seeds: standard error of their mean {se:.3f})"
+                noise += (f" (sd {p['noise_sd']:.3f} over {p['n_probe_base']} probe seeds: standard error of their mean "
+                          f"{p['noise_se_base']:.3f})")
             if math.isfinite(p.get("noise_last", float("nan"))):
                 noise += f", baseline after {an['last_stage']} up to {p['noise_last']:.3f}"
             if "quiet" in p:
