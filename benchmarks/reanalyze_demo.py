@@ -14,6 +14,13 @@ probe seeds (e.g. 8 in a re-probe, 4 in a run), every checkpoint keeps only the 
 probe intervals still resample probe seeds as well as training seeds (the analysis resamples training seeds only
 when the checkpoints disagree); the notes say so. The output needs ``--out``.
 
+``--join DIR`` (repeatable) adds the arms another run of the same settings trained on the same training seeds,
+e.g. a supple setting run alone (``supple demo --arms supple --supple ...``) beside the baseline an earlier run
+trained: the analysis keeps the training seeds both runs trained, the first run's arms and the arms only DIR ran
+(``--arms`` drops some of the first run's arms first, e.g. its own supple arm). Both runs must have probed the base
+model alike under the probe seeds they share, the check that the two runs are the same setup. ``--join`` applies
+before ``--with``; the output needs ``--out``.
+
 ``--metric tail_loss`` reads each probe's tail loss (the mean held-out loss of its evaluations in the second half of
 the probe, ``supple.measure.probe.tail_loss``) where the analysis reads the final loss, for every probe record that
 kept it per probe seed; it also needs ``--out``, and the outputs' notes say which value the tables show.
@@ -46,10 +53,26 @@ def _pool(a: dict, b: dict) -> dict:
     if shared:
         raise ValueError(f"both runs trained seed(s) {sorted(shared)}; pool runs on disjoint training seeds")
     arms = [x for x in a["meta"]["arms"] if x in b["meta"]["arms"]]
+    if "supple" in arms and a["meta"].get("supple_overrides", {}) != b["meta"].get("supple_overrides", {}):
+        raise ValueError(f"the runs' supple arms differ (--supple {a['meta'].get('supple_overrides', {})} vs "
+                         f"{b['meta'].get('supple_overrides', {})}); pool runs of the same supple setting")
     records = [r for r in a["records"] + b["records"] if r["arm"] in arms]
+    shared_notes = _align_probes(records)
+    meta = {**a["meta"], "seeds": sorted(set(a["meta"]["seeds"]) | set(b["meta"]["seeds"])), "arms": arms}
+    meta["pooled"] = [*a["meta"].get("pooled", [a["meta"].get("command")]), b["meta"].get("command")]
+    meta["notes"] = [*a["meta"].get("notes", []), f"pooled with the run `{b['meta'].get('command')}` (seeds "
+                     f"{b['meta']['seeds']}); the base model's probes are those with the most probe seeds", *shared_notes]
+    return {**a, "meta": meta, "records": records}
+
+
+def _align_probes(records: list[dict]) -> list[str]:
+    """Records from two runs made comparable: every base-model record carries, per probe family, the base model's
+    probe with the most probe seeds (the runs must agree under the probe seeds they share), every other checkpoint
+    the probe seeds all of them ran (:func:`_shared_probe_seeds`, whose notes are returned), and each record's
+    primary probe follows."""
     from supple.testbed.analysis import probe_seed_values, shared_probe_seed_difference
 
-    base_probes: dict[str, dict] = {}  # per family: the base model's probe with the most probe seeds
+    base_probes: dict[str, dict] = {}
     for r in records:
         if r["stage"] != "base":
             continue
@@ -62,12 +85,53 @@ def _pool(a: dict, b: dict) -> dict:
     for r in records:
         if r["stage"] == "base" and r.get("probes"):
             r["probes"] = {fam: base_probes[fam] for fam in r["probes"]}
-    shared_notes = _shared_probe_seeds(records)
+    notes = _shared_probe_seeds(records)
     _primary_from_probes(records)
-    meta = {**a["meta"], "seeds": sorted(set(a["meta"]["seeds"]) | set(b["meta"]["seeds"])), "arms": arms}
-    meta["pooled"] = [*a["meta"].get("pooled", [a["meta"].get("command")]), b["meta"].get("command")]
-    meta["notes"] = [*a["meta"].get("notes", []), f"pooled with the run `{b['meta'].get('command')}` (seeds "
-                     f"{b['meta']['seeds']}); the base model's probes are those with the most probe seeds", *shared_notes]
+    return notes
+
+
+def _keep_arms(results: dict, arms: list[str]) -> dict:
+    """The run with only ``arms`` (in its own order); the supple arm's settings go with the supple arm."""
+    meta = results["meta"]
+    unknown = [x for x in arms if x not in meta["arms"]]
+    if unknown:
+        raise ValueError(f"the run has no arm {', '.join(unknown)} (it ran {', '.join(meta['arms'])})")
+    meta = {**meta, "arms": [x for x in meta["arms"] if x in arms]}
+    if "supple" not in meta["arms"]:
+        meta.update(supple_overrides={}, supple_configs={})
+    meta["notes"] = [*meta.get("notes", []), f"arms kept: {', '.join(meta['arms'])} (--arms)"]
+    return {**results, "meta": meta, "records": [r for r in results["records"] if r["arm"] in arms]}
+
+
+def _join(a: dict, b: dict) -> dict:
+    """Run ``a`` with the arms only run ``b`` trained, on the training seeds both trained (see the module doc)."""
+    differ = [k for k in _SAME if a["meta"].get(k) != b["meta"].get(k)]
+    if differ:
+        raise ValueError(f"the runs differ in {', '.join(differ)}; only runs of the same settings join")
+    seeds = sorted(set(a["meta"]["seeds"]) & set(b["meta"]["seeds"]))
+    if not seeds:
+        raise ValueError(f"the runs share no training seed ({a['meta']['seeds']} vs {b['meta']['seeds']}): "
+                         "join runs on the same seeds, pool runs on other seeds with --with")
+    new = [x for x in b["meta"]["arms"] if x not in a["meta"]["arms"]]
+    if not new:
+        raise ValueError(f"it ran no arm the first run lacks (both ran {', '.join(b['meta']['arms'])}); drop the "
+                         "first run's with --arms")
+    records = [r for r in a["records"] if r["seed"] in seeds]
+    records += [r for r in b["records"] if r["seed"] in seeds and r["arm"] in new]
+    records = json.loads(json.dumps(records))  # the alignment edits probes in place: no sharing between records
+    notes = _align_probes(records)
+    meta = {**a["meta"], "seeds": seeds, "arms": [*a["meta"]["arms"], *new]}
+    meta["arm_help"] = {**a["meta"].get("arm_help", {}), **{x: h for x, h in b["meta"].get("arm_help", {}).items()
+                                                           if x in new}}
+    if "supple" in new:
+        meta["supple_overrides"] = b["meta"].get("supple_overrides", {})
+    meta["supple_configs"] = {**a["meta"].get("supple_configs", {}), **{
+        k: v for k, v in b["meta"].get("supple_configs", {}).items() if k.split("/")[0] in new}}
+    meta["joined"] = [*a["meta"].get("joined", [a["meta"].get("command")]), b["meta"].get("command")]
+    meta["notes"] = [*a["meta"].get("notes", []), *[n for n in b["meta"].get("notes", []) if n not in
+                                                     a["meta"].get("notes", [])],
+                     f"arm(s) {', '.join(new)} from the run `{b['meta'].get('command')}` on training seeds {seeds}; "
+                     "the base model's probes are those with the most probe seeds", *notes]
     return {**a, "meta": meta, "records": records}
 
 
@@ -123,20 +187,48 @@ def _read_metric(results: dict, metric: str) -> str:
     return said
 
 
+def _measure_rows(inputs: list[tuple[str, list[dict]]], records: list[dict]) -> list[dict] | None:
+    """The measurement rows (measure_records.json) of what the analysis kept: the base model's from the first run,
+    each (arm, seed)'s from the first run whose records brought it. None when a run kept no measure_records.json."""
+    kept = {(r["arm"], r["seed"]) for r in records}
+    claimed: set = set()
+    rows: list[dict] = []
+    for i, (d, recs) in enumerate(inputs):
+        path = os.path.join(d, "measure_records.json")
+        if not os.path.exists(path):
+            return None
+        mine = {(r["arm"], r["seed"]) for r in recs} & kept - claimed
+        claimed |= mine
+        with open(path, encoding="utf-8") as fh:
+            for row in json.load(fh).get("records", []):
+                if row.get("arm") in (None, "None"):
+                    if i == 0:
+                        rows.append(row)
+                elif (row["arm"], int(row["seed"])) in mine:
+                    rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("demo", help="the demo's output directory (its results.json)")
     ap.add_argument("--out", default=None, help="where to write the outputs (default: the demo's directory)")
     ap.add_argument("--with", dest="others", action="append", default=[], metavar="DIR",
                     help="pool another run of the same settings on other training seeds (repeatable; needs --out)")
+    ap.add_argument("--arms", default=None, metavar="A,B",
+                    help="keep only these of the first run's arms (comma-separated; needs --out)")
+    ap.add_argument("--join", dest="joins", action="append", default=[], metavar="DIR",
+                    help="add the arms another run of the same settings trained on the same training seeds "
+                    "(repeatable; needs --out)")
     ap.add_argument("--metric", default="final_loss", choices=("final_loss", "tail_loss"),
                     help="the probe value to analyse (default final_loss; tail_loss needs --out)")
     args = ap.parse_args(argv)
     if args.metric != "final_loss" and not args.out:
         ap.error(f"--metric {args.metric} rewrites the probe values: pass --out DIR for it")
-    if args.others and not args.out:
-        ap.error("--with writes a pooled analysis: pass --out DIR for it")
-    for d in (args.demo, *args.others):
+    for flag, used in (("--with", args.others), ("--join", args.joins), ("--arms", args.arms)):
+        if used and not args.out:
+            ap.error(f"{flag} writes another analysis than the run's: pass --out DIR for it")
+    for d in (args.demo, *args.joins, *args.others):
         if not os.path.isfile(os.path.join(d, "results.json")):
             ap.error(f"no {os.path.join(d, 'results.json')}: pass a directory that `supple demo --out DIR` wrote")
     path = os.path.join(args.demo, "results.json")
@@ -148,23 +240,28 @@ def main(argv: list[str] | None = None) -> int:
 
     with open(path, encoding="utf-8") as fh:
         results = json.load(fh)
-    for d in args.others:
-        with open(os.path.join(d, "results.json"), encoding="utf-8") as fh:
+    if args.arms:
+        try:
+            results = _keep_arms(results, [x.strip() for x in args.arms.split(",") if x.strip()])
+        except ValueError as exc:
+            ap.error(f"--arms: {exc}")
+    inputs = [(args.demo, results["records"])]  # each run and the records it brought, for its measure rows
+    for flag, combine, dirs in (("--join", _join, args.joins), ("--with", _pool, args.others)):
+        for d in dirs:
+            with open(os.path.join(d, "results.json"), encoding="utf-8") as fh:
+                other = json.load(fh)
             try:
-                results = _pool(results, json.load(fh))
+                results = combine(results, other)
             except ValueError as exc:
-                ap.error(f"--with {d}: {exc}")
+                ap.error(f"{flag} {d}: {exc}")
+            inputs.append((d, other["records"]))
     if args.metric != "final_loss":
         try:
             print(_read_metric(results, args.metric))
         except ValueError as exc:
             ap.error(f"--metric: {exc}")
     out = args.out or args.demo
-    measure_path = os.path.join(args.demo, "measure_records.json")
-    measure_rows = None
-    if out != args.demo and os.path.exists(measure_path):
-        with open(measure_path, encoding="utf-8") as fh:
-            measure_rows = json.load(fh).get("records", [])
+    measure_rows = _measure_rows(inputs, results["records"]) if out != args.demo else None
     results["summary"] = summarize(results["records"])
     results["analysis"] = analyze(results)
     results["meta"]["reanalysis"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -340,3 +340,57 @@ def test_reanalyze_pool_keeps_the_probe_seeds_every_checkpoint_ran():
     records[2]["probes"]["f"] = probe([1, 5], [3.0, 5.0])
     with pytest.raises(ValueError, match="fewer than 2"):
         mod._shared_probe_seeds(records)
+
+
+def test_reanalyze_joins_an_arm_run_alone_on_the_same_seeds(demo, tmp_path, capsys):
+    """--join: a supple setting run alone on seeds 0-1 joins the first run's arms on seed 0, the seed both ran; the
+    supple arm keeps its own settings and measure rows; --arms drops a first-run arm; mismatches are refused."""
+    from supple.cli import main
+
+    root, out, models, before = demo
+    other = tmp_path / "supple_alone"
+    assert main(["demo", "--model", "tiny", "--preset", "smoke", "--arms", "supple", "--seeds", "2",
+                 "--supple", "replay_every=2", "--out", str(other), "--no-progress"]) == 0
+    spec = importlib.util.spec_from_file_location("_test_reanalyze_join", REPO / "benchmarks" / "reanalyze_demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    joined = tmp_path / "joined"
+    assert mod.main([str(out), "--arms", "baseline", "--join", str(other), "--out", str(joined)]) == 0
+    res = json.loads((joined / "results.json").read_text())
+    second = json.loads((other / "results.json").read_text())
+    assert res["meta"]["arms"] == ["baseline", "supple"] and res["meta"]["seeds"] == [0]
+    assert res["meta"]["supple_overrides"] == {"replay_every": 2}
+    expect = [r for r in before["records"] if r["arm"] == "baseline"]
+    expect += [r for r in second["records"] if r["seed"] == 0]
+    assert len(res["records"]) == len(expect)
+    assert {(r["arm"], r["seed"]) for r in res["records"]} == {("baseline", 0), ("supple", 0)}
+    mine = {(r["stage"], r["arm"]): r for r in res["records"]}
+    for r in expect:  # training records as their runs wrote them
+        assert mine[(r["stage"], r["arm"])]["tasks"] == r["tasks"]
+    rows = json.loads((joined / "measure_records.json").read_text())["records"]
+    assert {(row["arm"], row["seed"]) for row in rows} == {(None, None), ("baseline", 0), ("supple", 0)}
+    assert res["analysis"]["seeds"] == [0]
+    # the same arms twice, no seed in common, a base model probed otherwise and pooled supple settings that differ
+    late = json.loads((other / "results.json").read_text())
+    late["meta"]["seeds"] = [7]
+    for r in late["records"]:
+        r["seed"] = 7
+    moved = json.loads((other / "results.json").read_text())
+    for r in moved["records"]:
+        if r["stage"] == "base":
+            for p in r["probes"].values():
+                p["per_seed"]["final_loss"] = [v + 1.0 for v in p["per_seed"]["final_loss"]]
+    for name, data in (("late", late), ("moved", moved)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(data))
+    for extra, msg in (([str(out), "--join", str(out)], "no arm the first run lacks"),
+                       ([str(out), "--join", str(tmp_path / "late")], "share no training seed"),
+                       ([str(out), "--join", str(tmp_path / "moved")], "probe differs"),
+                       ([str(joined), "--with", str(tmp_path / "late")], "supple arms differ"),
+                       ([str(out), "--arms", "nope"], "no arm nope"),
+                       ([str(out), "--join", str(other)], "--out")):
+        late["meta"]["supple_overrides"] = {}
+        (tmp_path / "late" / "results.json").write_text(json.dumps(late))
+        with pytest.raises(SystemExit):
+            mod.main(extra + (["--out", str(tmp_path / "x")] if msg != "--out" else []))
+        assert msg in capsys.readouterr().err
