@@ -448,3 +448,31 @@ def test_resume_with_other_supple_overrides_reruns_the_supple_arm_only(tmp_path,
     pick = lambda res, arm: [r for r in res["records"] if r["arm"] == arm]  # noqa: E731
     assert pick(again, "baseline") == pick(first, "baseline")
     assert again["meta"]["supple_overrides"] == {"diversity_weight": 3.0}
+
+
+def test_supple_overrides_scoped_to_one_stage(tmp_path, capsys):
+    """--supple STAGE:FIELD=VALUE changes that stage's SuppleConfig only, over a plain FIELD=VALUE; a stage the run
+    does not have is a one-line CLI error before anything trains."""
+    from supple.cli import main
+    from supple.testbed.stages import overrides_for_stage
+
+    over = {"replay_every": 2, "dpo:replay_every": 5, "dpo:replay_data": None, "sft:arithmetic:replay_weight": 1.0}
+    names = ["sft:arithmetic", "dpo", "sft2"]
+    assert overrides_for_stage(over, "dpo", names) == {"replay_every": 5, "replay_data": None}
+    assert overrides_for_stage(over, "sft2", names) == {"replay_every": 2}
+    assert overrides_for_stage(over, "sft:arithmetic", names) == {"replay_every": 2, "replay_weight": 1.0}
+    with pytest.raises(ValueError, match="no stage 'dop'"):
+        overrides_for_stage({"dop:replay_every": 1}, "dpo", names)
+
+    out = tmp_path / "demo"
+    argv = ["demo", "--model", "tiny", "--preset", "smoke", "--stages", "sft,dpo", "--arms", "supple",
+            "--seeds", "1", "--out", str(out), "--no-progress"]
+    assert main([*argv, "--supple", "replay_every=3", "--supple", "dpo:replay_data=None"]) == 0
+    used = json.loads((out / "results.json").read_text())["meta"]["supple_configs"]
+    assert used["supple/seed0/sft"]["replay_data"] and used["supple/seed0/sft"]["replay_every"] == 3
+    assert used["supple/seed0/dpo"]["replay_data"] is None and used["supple/seed0/dpo"]["replay_every"] == 3
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "bad"), "--supple", "sft2:replay_every=1"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no stage 'sft2'" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "bad" / "results.json").exists()

@@ -78,7 +78,8 @@ def add_parsers(subparsers) -> None:
                    "(full fine-tuning or --lora), e.g. --lr sft=1e-4 --lr dpo=4e-5 (repeatable)")
     p.add_argument("--supple", type=_key_value, action="append", default=[], metavar="FIELD=VALUE",
                    help="override the supple arm's SuppleConfig, e.g. --supple diversity_weight=10 "
-                   "--supple 'diversity_layers=[15,-1]' (repeatable)")
+                   "--supple 'diversity_layers=[15,-1]' (repeatable); STAGE:FIELD=VALUE changes one stage only, "
+                   "e.g. --supple dpo:replay_data=None (no replay in the DPO stage)")
     p.add_argument("--out", default="supple-demo", help="output directory (default ./supple-demo)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the idle cores, from the load average; on a shared machine more "

@@ -61,6 +61,7 @@ from .stages import (
     StageOutcome,
     _supple_callback_class,
     lora_input_subspaces,
+    overrides_for_stage,
     parse_stages,
     register_stage_kind,
     supple_arm_config,
@@ -207,8 +208,11 @@ def run_demo(cfg: DemoConfig) -> dict:
             notes.append(f"arm {a!r} skipped: it needs LoRA stages (run with --lora)")
     if any(ARM_TABLE[a].supple is not None for a in arms) and _supple_callback_class() is None:
         raise ValueError("supple.SuppleCallback is not available in this installation")
-    if "supple" in arms:  # fail early on bad overrides
-        supple_arm_config(1, ["x"], cfg.lora, cfg.supple_overrides)
+    names = [s.name for s in stages]
+    per_stage = {n: overrides_for_stage(cfg.supple_overrides, n, names) for n in names}
+    if "supple" in arms:  # fail early on bad overrides, for every stage's
+        for n in names:
+            supple_arm_config(1, ["x"], cfg.lora, per_stage[n])
 
     fams = list(dict.fromkeys(s.family for s in stages))
     plan = EvalPlan(
@@ -225,8 +229,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     workdir = tempfile.mkdtemp(prefix="supple-demo-")
     arm_overrides = dict(cfg.supple_overrides)
     replay_note = None
-    if any({**(ARM_TABLE[a].supple or {}), **(arm_overrides if a == "supple" else {})}.get("replay_data")
-           == "builtin:pydoc" for a in arms):
+    if any({**(ARM_TABLE[a].supple or {}), **(per_stage[n] if a == "supple" else {})}.get("replay_data")
+           == "builtin:pydoc" for a in arms for n in names):
         # replay builtin:pydoc without the paragraphs the general-text geometry is measured on (no leakage)
         corpus = load_builtin_corpus("pydoc")[len(plan.geometry_texts) :]
         arm_overrides["_replay_file"] = os.path.join(workdir, "replay_pydoc.txt")

@@ -20,6 +20,7 @@ from .stages import (
     _supple_callback_class,
     _unpatch_forward,
     lora_input_subspaces,
+    overrides_for_stage,
     supple_arm_config,
 )
 from .yardsticks import l2_anchor_callback, shrink_perturb_model
@@ -97,7 +98,8 @@ def _arm_callbacks(setup: JobSetup, arm_name: str, i: int, subspaces: dict) -> t
         base = dict(arm.supple)
         if base.get("replay_data") == "builtin:pydoc" and setup.arm_overrides.get("_replay_file"):
             base["replay_data"] = setup.arm_overrides["_replay_file"]
-        overrides = {k: v for k, v in overrides.items() if not k.startswith("_")}
+        overrides = {k: v for k, v in overrides_for_stage(overrides, setup.stages[i - 1].name).items()
+                     if not k.startswith("_")}
         scfg, notes = supple_arm_config(i, [], cfg.lora, overrides, bool(subspaces), base=base)
         if setup.replay_note and scfg.replay_data:
             notes.append(setup.replay_note)
@@ -113,10 +115,11 @@ def _arm_callbacks(setup: JobSetup, arm_name: str, i: int, subspaces: dict) -> t
 
 def _wants_cross(setup: JobSetup, arm_name: str) -> bool:
     """Whether the arm uses cross-stage decorrelation (then every LoRA stage's update subspace is kept)."""
-    fields = dict(ARM_TABLE[arm_name].supple or {})
-    if arm_name == "supple":
-        fields.update(setup.arm_overrides)
-    return bool(fields.get("decorrelation_cross_weight"))
+    base = ARM_TABLE[arm_name].supple or {}
+    if arm_name != "supple":
+        return bool(base.get("decorrelation_cross_weight"))
+    return any({**base, **overrides_for_stage(setup.arm_overrides, s.name)}.get("decorrelation_cross_weight")
+               for s in setup.stages)
 
 
 def run_job(setup: JobSetup, job: Job, tick: Callable[[int], None], base_model=None, tok=None) -> dict:

@@ -247,6 +247,23 @@ def _final_means(hist: list[dict], keys: Sequence[str]) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------------- supple arm
+def overrides_for_stage(overrides: dict, stage: str, stages: Sequence[str] | None = None) -> dict:
+    """The ``--supple`` overrides one stage sees: ``FIELD`` keys apply to every stage, ``STAGE:FIELD`` keys (e.g.
+    ``dpo:replay_weight``) to that stage only and over the plain key, as each trainer of a pipeline gets its own
+    callback. ``stages``: every stage name of the run, to refuse a ``STAGE:`` that names none of them."""
+    plain = {k: v for k, v in overrides.items() if ":" not in k}
+    scoped = {}
+    for k, v in overrides.items():
+        if ":" in k:
+            name, _, fld = k.rpartition(":")
+            if stages is not None and name not in stages:
+                raise ValueError(f"--supple {k}: no stage {name!r} in this run (its stages: {', '.join(stages)}); "
+                                 "write STAGE:FIELD=VALUE with one of them, or FIELD=VALUE for every stage")
+            if name == stage:
+                scoped[fld] = v
+    return {**plain, **scoped}
+
+
 def supple_arm_config(
     stage_index: int,
     previous_adapters: Sequence[str],
