@@ -190,22 +190,23 @@ def _read_metric(results: dict, metric: str) -> str:
 def _measure_rows(inputs: list[tuple[str, list[dict]]], records: list[dict]) -> list[dict] | None:
     """The measurement rows (measure_records.json) of what the analysis kept: the base model's from the first run,
     each (arm, seed)'s from the first run whose records brought it. None when a run kept no measure_records.json."""
+    from supple.testbed.report import read_measure_rows
+
     kept = {(r["arm"], r["seed"]) for r in records}
     claimed: set = set()
     rows: list[dict] = []
     for i, (d, recs) in enumerate(inputs):
-        path = os.path.join(d, "measure_records.json")
-        if not os.path.exists(path):
+        theirs = read_measure_rows(d)
+        if theirs is None:
             return None
         mine = {(r["arm"], r["seed"]) for r in recs} & kept - claimed
         claimed |= mine
-        with open(path, encoding="utf-8") as fh:
-            for row in json.load(fh).get("records", []):
-                if row.get("arm") in (None, "None"):
-                    if i == 0:
-                        rows.append(row)
-                elif (row["arm"], int(row["seed"])) in mine:
+        for row in theirs:
+            if row.get("arm") is None:
+                if i == 0:
                     rows.append(row)
+            elif (row["arm"], int(row["seed"])) in mine:
+                rows.append(row)
     return rows
 
 

@@ -130,13 +130,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from supple.testbed.analysis import analyze, shared_probe_seed_difference
     from supple.testbed.records import summarize
-    from supple.testbed.report import write_outputs
+    from supple.testbed.report import read_measure_rows, write_outputs
     from supple.testbed.settings import Budget
 
     with open(os.path.join(args.demo, "results.json"), encoding="utf-8") as fh:
         results = copy.deepcopy(json.load(fh))
-    measure_path = os.path.join(args.demo, "measure_records.json")
-    measure_rows = json.load(open(measure_path, encoding="utf-8")) if os.path.exists(measure_path) else []
+    measure_rows = read_measure_rows(args.demo)
     meta = results["meta"]
     if args.arms:
         keep = [a.strip() for a in args.arms.split(",") if a.strip()]

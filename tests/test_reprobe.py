@@ -67,6 +67,9 @@ def test_reprobe_replaces_one_family_only(demo, capsys):
     bases = [b["probes"][family]["final_loss"] for b in after["records"] if b["stage"] == "base"]
     assert len(set(bases)) == 1
     assert (dest / "summary.md").is_file() and (dest / "table.txt").is_file()
+    # the measurement rows carried over as rows (not the demo's whole file nested in the new one)
+    rows = json.loads((out / "measure_records.json").read_text())["records"]
+    assert rows and json.loads((dest / "measure_records.json").read_text())["records"] == rows
     # the demo's own outputs are not modified
     assert json.loads((out / "results.json").read_text()) == before
 

@@ -252,6 +252,22 @@ def plot_probe_curves(results: dict, path: str) -> str:
     return path
 
 
+def read_measure_rows(demo_dir: str) -> list[dict] | None:
+    """The measurement rows a demo wrote to ``demo_dir``/measure_records.json, or None when it wrote none. A file an
+    earlier ``benchmarks/reprobe_demo.py`` wrote with the whole previous file nested as its ``records`` is read
+    through to the rows."""
+    import json
+
+    path = os.path.join(demo_dir, "measure_records.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        rows = json.load(fh).get("records", [])
+    while isinstance(rows, dict):
+        rows = rows.get("records", [])
+    return rows
+
+
 def write_outputs(results: dict, measure_rows: list[dict] | None, out: str) -> dict[str, str]:
     """Write results.json, measure_records.json, summary.md, table.txt, summary.png, probe_curves.png to ``out``
     (no measure_records.json when ``measure_rows`` is None: a re-analysis that has none keeps what is there)."""
