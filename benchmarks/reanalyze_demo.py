@@ -35,6 +35,10 @@ import sys
 import time
 
 _SAME = ("model", "stages", "families", "lora")
+# Two runs' probes of the base model under one probe seed agree within this (absolute, loss units): runs of one
+# session reproduce each other exactly, runs on other machines of the same kind in another session within 1e-4
+# (word_codes, 2026-12-02); other probe settings differ by tenths. The base model's probe sd is 0.47.
+_SAME_PROBE_ATOL = 1e-3
 
 
 def _primary_from_probes(records: list[dict]) -> None:
@@ -73,19 +77,26 @@ def _align_probes(records: list[dict]) -> list[str]:
     from supple.testbed.analysis import probe_seed_values, shared_probe_seed_difference
 
     base_probes: dict[str, dict] = {}
+    apart: dict[str, float] = {}  # per family: the largest difference seen under a shared probe seed
     for r in records:
         if r["stage"] != "base":
             continue
         for fam, p in (r.get("probes") or {}).items():
             best = base_probes.get(fam)
-            if best is not None and (shared_probe_seed_difference(p, best) or 0.0) > 1e-9:
-                raise ValueError(f"the base model's {fam} probe differs under the same probe seeds")
+            diff = shared_probe_seed_difference(p, best) if best is not None else None
+            if diff is not None and diff > _SAME_PROBE_ATOL:
+                raise ValueError(f"the base model's {fam} probe differs by {diff:.3g} under the same probe seeds "
+                                 f"(more than {_SAME_PROBE_ATOL:g}): the runs probed it with other settings")
+            if diff:
+                apart[fam] = max(apart.get(fam, 0.0), diff)
             if best is None or len(probe_seed_values(p)) > len(probe_seed_values(best)):
                 base_probes[fam] = p
     for r in records:
         if r["stage"] == "base" and r.get("probes"):
             r["probes"] = {fam: base_probes[fam] for fam in r["probes"]}
-    notes = _shared_probe_seeds(records)
+    notes = [f"the runs' base-model {fam} probes agree within {d:.1e} under the probe seeds they share (not exactly: "
+             "floating-point differences between sessions)" for fam, d in apart.items()]
+    notes += _shared_probe_seeds(records)
     _primary_from_probes(records)
     return notes
 

@@ -397,3 +397,23 @@ def test_reanalyze_joins_an_arm_run_alone_on_the_same_seeds(demo, tmp_path, caps
         with pytest.raises(SystemExit):
             mod.main(extra + (["--out", str(tmp_path / "x")] if msg != "--out" else []))
         assert msg in capsys.readouterr().err
+
+
+def test_align_probes_tolerates_floating_point_noise_not_other_settings():
+    """Base-model probes of two runs under one probe seed: 1e-4 apart (another session) is the same setup and is
+    noted; 0.01 apart is refused. The probe with more probe seeds is kept for every base record."""
+    spec = importlib.util.spec_from_file_location("_test_reanalyze_align", REPO / "benchmarks" / "reanalyze_demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def base(finals):
+        return {"stage": "base", "probes": {"f": {"family": "f", "seeds": list(range(len(finals))),
+                                                   "final_loss": sum(finals) / len(finals),
+                                                   "per_seed": {"final_loss": finals}}}}
+
+    records = [base([1.0, 2.0]), base([1.0001, 2.0, 3.0])]
+    notes = mod._align_probes(records)
+    assert records[0]["probes"]["f"]["per_seed"]["final_loss"] == [1.0001, 2.0, 3.0]
+    assert any("agree within 1.0e-04" in n for n in notes)
+    with pytest.raises(ValueError, match="differs by 0.01"):
+        mod._align_probes([base([1.0, 2.0]), base([1.01, 2.0])])
