@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "command": "python benchmarks/reanalyze_demo.py " + " ".join(argv or sys.argv[1:])}
     files = write_outputs(results, measure_rows, out)
     print(format_verdict(results))
-    print(f"wrote {', '.join(sorted(os.path.join(out, f) for f in files.values()))}")
+    print(f"wrote {', '.join(sorted(files.values()))}")
     return 0
 
 
