@@ -41,6 +41,13 @@ _SAME = ("model", "stages", "families", "lora")
 _SAME_PROBE_ATOL = 1e-3
 
 
+def _check_same(a: dict, b: dict, verb: str) -> None:
+    """Refuse two runs whose settings (:data:`_SAME`) differ."""
+    differ = [k for k in _SAME if a["meta"].get(k) != b["meta"].get(k)]
+    if differ:
+        raise ValueError(f"the runs differ in {', '.join(differ)}; only runs of the same settings {verb}")
+
+
 def _primary_from_probes(records: list[dict]) -> None:
     """Each record's primary ``probe`` as its family's entry in ``probes``, after the probes were replaced."""
     for r in records:
@@ -50,9 +57,7 @@ def _primary_from_probes(records: list[dict]) -> None:
 
 def _pool(a: dict, b: dict) -> dict:
     """Two runs' records as one run on the union of their training seeds (see the module doc)."""
-    differ = [k for k in _SAME if a["meta"].get(k) != b["meta"].get(k)]
-    if differ:
-        raise ValueError(f"the runs differ in {', '.join(differ)}; only runs of the same settings pool")
+    _check_same(a, b, "pool")
     shared = set(a["meta"]["seeds"]) & set(b["meta"]["seeds"])
     if shared:
         raise ValueError(f"both runs trained seed(s) {sorted(shared)}; pool runs on disjoint training seeds")
@@ -116,9 +121,7 @@ def _keep_arms(results: dict, arms: list[str]) -> dict:
 
 def _join(a: dict, b: dict) -> dict:
     """Run ``a`` with the arms only run ``b`` trained, on the training seeds both trained (see the module doc)."""
-    differ = [k for k in _SAME if a["meta"].get(k) != b["meta"].get(k)]
-    if differ:
-        raise ValueError(f"the runs differ in {', '.join(differ)}; only runs of the same settings join")
+    _check_same(a, b, "join")
     seeds = sorted(set(a["meta"]["seeds"]) & set(b["meta"]["seeds"]))
     if not seeds:
         raise ValueError(f"the runs share no training seed ({a['meta']['seeds']} vs {b['meta']['seeds']}): "
@@ -129,7 +132,6 @@ def _join(a: dict, b: dict) -> dict:
                          "first run's with --arms")
     records = [r for r in a["records"] if r["seed"] in seeds]
     records += [r for r in b["records"] if r["seed"] in seeds and r["arm"] in new]
-    records = json.loads(json.dumps(records))  # the alignment edits probes in place: no sharing between records
     notes = _align_probes(records)
     meta = {**a["meta"], "seeds": seeds, "arms": [*a["meta"]["arms"], *new]}
     meta["arm_help"] = {**a["meta"].get("arm_help", {}), **{x: h for x, h in b["meta"].get("arm_help", {}).items()
