@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--arms: {unknown} not in the demo's arms {meta['arms']}")
         meta["arms"] = [a for a in meta["arms"] if a in keep]
         results["records"] = [r for r in results["records"] if r["arm"] in keep]
+        if measure_rows is not None:  # the base model's rows (arm None) and the kept arms'
+            measure_rows = [r for r in measure_rows if r.get("arm") is None or r["arm"] in keep]
     recorded = Budget.from_fields(meta["budget"])
     budget = replace(recorded, probe_warmup=args.warmup, probe_max_grad_norm=args.clip, probe_cooldown=args.cooldown)
     budget = budget.with_probe(args.family, args.steps, args.lr, args.eval_every)

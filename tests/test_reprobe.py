@@ -245,6 +245,8 @@ def test_reprobe_reuse_probes_only_what_another_reprobe_lacks(demo, tmp_path, ca
               "--lr", "1e-3", "--probe-seeds", "2"]
     part, full, both = tmp_path / "part", tmp_path / "full", tmp_path / "both"
     assert _load_reprobe().main([*common, "--arms", "baseline", "--out", str(part)]) == 0
+    rows = json.loads((part / "measure_records.json").read_text())["records"]  # the kept arm's and the base model's
+    assert {r["arm"] for r in rows} == {None, "baseline"} and any(r["arm"] is None for r in rows)
     assert _load_reprobe().main([*common, "--out", str(full)]) == 0
     capsys.readouterr()
     assert _load_reprobe().main([*common, "--reuse", str(part), "--out", str(both)]) == 0

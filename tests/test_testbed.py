@@ -469,8 +469,15 @@ def test_supple_overrides_scoped_to_one_stage(tmp_path, capsys):
             "--seeds", "1", "--out", str(out), "--no-progress"]
     assert main([*argv, "--supple", "replay_every=3", "--supple", "dpo:replay_data=None"]) == 0
     used = json.loads((out / "results.json").read_text())["meta"]["supple_configs"]
-    assert used["supple/seed0/sft"]["replay_data"] and used["supple/seed0/sft"]["replay_every"] == 3
+    filtered = "builtin:pydoc (without the general-text measurement paragraphs)"
+    assert used["supple/seed0/sft"]["replay_data"] == filtered and used["supple/seed0/sft"]["replay_every"] == 3
     assert used["supple/seed0/dpo"]["replay_data"] is None and used["supple/seed0/dpo"]["replay_every"] == 3
+    # builtin:pydoc named by --supple (not the arm's default) is replayed without the measurement paragraphs too
+    out2 = tmp_path / "override"
+    assert main([*argv, "--out", str(out2), "--supple", "replay_data=None",
+                 "--supple", "dpo:replay_data=builtin:pydoc"]) == 0
+    used = json.loads((out2 / "results.json").read_text())["meta"]["supple_configs"]
+    assert used["supple/seed0/sft"]["replay_data"] is None and used["supple/seed0/dpo"]["replay_data"] == filtered
     capsys.readouterr()
     assert main([*argv, "--out", str(tmp_path / "bad"), "--supple", "sft2:replay_every=1"]) != 0
     err = capsys.readouterr().err.strip().splitlines()

@@ -95,18 +95,20 @@ def _arm_callbacks(setup: JobSetup, arm_name: str, i: int, subspaces: dict) -> t
     used = None
     if arm.supple is not None:
         overrides = setup.arm_overrides if arm_name == "supple" else {}
+        replay_file = setup.arm_overrides.get("_replay_file")
         base = dict(arm.supple)
-        if base.get("replay_data") == "builtin:pydoc" and setup.arm_overrides.get("_replay_file"):
-            base["replay_data"] = setup.arm_overrides["_replay_file"]
         overrides = {k: v for k, v in overrides_for_stage(overrides, setup.stages[i - 1].name).items()
                      if not k.startswith("_")}
+        for fields in (base, overrides):  # the arm's builtin:pydoc and a --supple one alike, without leakage
+            if fields.get("replay_data") == "builtin:pydoc" and replay_file:
+                fields["replay_data"] = replay_file
         scfg, notes = supple_arm_config(i, [], cfg.lora, overrides, bool(subspaces), base=base)
         if setup.replay_note and scfg.replay_data:
             notes.append(setup.replay_note)
         objs = {"previous_subspaces": subspaces} if scfg.decorrelation_cross_weight > 0 else {}
         callbacks.append(_supple_callback_class()(scfg, **objs))
         used = asdict(scfg)
-        if scfg.replay_data and scfg.replay_data == setup.arm_overrides.get("_replay_file"):
+        if scfg.replay_data and scfg.replay_data == replay_file:
             used["replay_data"] = "builtin:pydoc (without the general-text measurement paragraphs)"
     if arm.anchor_weight:
         callbacks.append(l2_anchor_callback(arm.anchor_weight))
