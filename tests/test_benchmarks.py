@@ -1,7 +1,7 @@
 """benchmarks/overhead.py on the tiny model: the anchored-diversity configuration runs through SFTTrainer, its
 pre-stage reference is measured once per trainer (timed inside the callback) and every configuration gets a row.
 The numbers themselves are not asserted (speed goals live in benchmarks/, not in timed tests). Also
-benchmarks/probe_noise.py's fixed-pool mode."""
+benchmarks/probe_noise.py's fixed-pool mode, and benchmarks/demo_step_cost.py (the demo stage's step time)."""
 
 from __future__ import annotations
 
@@ -89,3 +89,52 @@ def test_probe_noise_by_step_reads_each_horizon_of_longer_runs(tmp_path, capsys)
     assert "needs constant-rate runs of the base model" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --by-step alone
         mod.main(["--by-step", "h"])
+
+
+def _load_step_cost():
+    spec = importlib.util.spec_from_file_location("_demo_step_cost", REPO / "benchmarks" / "demo_step_cost.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_demo_step_cost_mean_ratio_sees_a_step_in_two_that_costs_double():
+    """Replay every 2 steps makes every other step dearer: the ratio of means says 1.5 where the median of per-step
+    ratios would say 1 or 2; identical repetitions give a zero-width interval."""
+    mod = _load_step_cost()
+    times = {"baseline": {r: [1.0, 1.0] for r in range(4)}, "replay": {r: [1.0, 2.0] for r in range(4)}}
+    assert mod.mean_ratio(times, "replay", [0, 1, 2, 3]) == pytest.approx(1.5)
+    assert mod.bootstrap_mean_ratio_ci(times, "replay") == pytest.approx((1.5, 1.5))
+    times["replay"][3] = [3.0, 3.0]  # one slow repetition widens the interval upwards only
+    lo, hi = mod.bootstrap_mean_ratio_ci(times, "replay")
+    assert lo == pytest.approx(1.5) and hi > 2.0
+    with pytest.raises(ValueError, match="NAME:FIELD=VALUE"):
+        mod.parse_arm("replay_every=2")
+    assert mod.parse_arm("r2:replay_every=2,replay_weight=1.0") == ("r2", {"replay_every": 2, "replay_weight": 1.0})
+
+
+def test_demo_step_cost_times_the_demo_stage_with_the_arm_it_names(tmp_path, monkeypatch, capsys):
+    """On the tiny model: every configuration gets a row of timed steps, and replay runs in the arm that asks for it
+    (every 2 steps) and in no other trainer."""
+    import threading
+    from collections import Counter
+
+    from supple.callbacks.replay import ReplayTerm
+
+    calls: Counter = Counter()
+    inner = ReplayTerm.step
+
+    def counted(self, *a, **kw):
+        calls[threading.current_thread().name] += 1
+        return inner(self, *a, **kw)
+
+    monkeypatch.setattr(ReplayTerm, "step", counted)
+    mod = _load_step_cost()
+    assert mod.main(["--model", "tiny", "--reps", "2", "--block", "2", "--warmup", "1", "--no-default",
+                     "--arm", "r2:replay_every=2,replay_data=builtin:pydoc", "--out", str(tmp_path)]) == 0
+    rows = {r["config"]: r for r in csv.DictReader((tmp_path / "demo_step_cost_tiny_sft.csv").open())}
+    assert set(rows) == {"baseline", "r2"} and all(int(r["timed_steps"]) == 4 for r in rows.values())
+    assert calls["train-baseline"] == 0 and 2 <= calls["train-r2"] <= 3  # steps 2 and 4 of 5 trained
+    assert "replay_every" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        mod.main(["--model", "tiny", "--arm", "default:replay_every=2"])
