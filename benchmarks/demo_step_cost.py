@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import warnings
 
+    import datasets
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore")
     hf_logging.set_verbosity_error()
+    datasets.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(args.threads)
     names = ["baseline"] + ([] if args.no_default else ["default"]) + [n for n, _ in arms]
