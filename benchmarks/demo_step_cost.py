@@ -7,7 +7,7 @@ Usage::
     python benchmarks/demo_step_cost.py --model tiny --reps 2          # a smoke run, seconds
 
 ``benchmarks/overhead.py`` times the callback in LoRA SFT on full 256-token text sequences. The demo trains
-differently: full fine-tuning, short answers (an arithmetic item is about 34 tokens), batch 4, 128-token cap. There
+differently: full fine-tuning, short answers, batch 4, 128-token cap. There
 replay's extra forward/backward of a general-text paragraph (up to 128 tokens) weighs more against a step, so this
 script times exactly the demo's stage: ``supple.testbed``'s own stage runner (data, TRL config, completion-only
 loss) with the demo's callbacks, the supple arm's :class:`SuppleConfig` built as the demo builds it
