@@ -13,7 +13,8 @@ script times exactly the demo's stage: ``supple.testbed``'s own stage runner (da
 loss) with the demo's callbacks, the supple arm's :class:`SuppleConfig` built as the demo builds it
 (``supple_arm_config``: ``SUPPLE_ARM_DEFAULTS``, LoRA-only terms off under full fine-tuning).
 
-Configurations: ``baseline`` (no supple callback), ``default`` (the supple arm) and every ``--arm
+Configurations: ``baseline`` (no supple callback), ``control`` with ``--control`` (a second baseline: an A/A test
+of the method), ``default`` (the supple arm) and every ``--arm
 NAME:FIELD=VALUE[,FIELD=VALUE...]`` (the supple arm with those fields, as ``supple demo --supple``). Each
 configuration trains its own copy of the model in its own thread; the trainers take turns in blocks of
 ``--block`` optimizer steps (benchmarks/_interleave.py), so they share the machine's load block by block.
@@ -55,7 +56,7 @@ def parse_arm(text: str) -> tuple[str, dict]:
     name, sep, rest = text.partition(":")
     if not sep or not name or not rest:
         raise ValueError(f"--arm {text!r}: write NAME:FIELD=VALUE[,FIELD=VALUE...], e.g. replay2:replay_every=2")
-    if name in ("baseline", "default"):
+    if name in ("baseline", "control", "default"):
         raise ValueError(f"--arm {text!r}: {name!r} is taken; name the arm otherwise")
     return name, dict(_key_value(kv) for kv in rest.split(","))
 
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arm", action="append", default=[], metavar="NAME:FIELD=VALUE[,...]",
                     help="a supple arm with these fields over the default's (repeatable)")
     ap.add_argument("--no-default", action="store_true", help="leave the supple default arm out")
+    ap.add_argument("--control", action="store_true",
+                    help="add 'control', a second baseline (an A/A test: its ratio shows the method's bias and noise)")
     ap.add_argument("--reps", type=int, default=12, help="timed blocks per configuration (default 12)")
     ap.add_argument("--block", type=int, default=2, help="optimizer steps per block (default 2)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first (default 2)")
@@ -124,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     datasets.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(args.threads)
-    names = ["baseline"] + ([] if args.no_default else ["default"]) + [n for n, _ in arms]
-    overrides = {"baseline": None, "default": {}, **dict(arms)}
+    names = ["baseline"] + (["control"] if args.control else []) + ([] if args.no_default else ["default"])
+    names += [n for n, _ in arms]
+    overrides = {"baseline": None, "control": None, "default": {}, **dict(arms)}
     if len(set(names)) != len(names):
         ap.error(f"--arm: two arms share a name ({names})")
     per_trainer = args.warmup + args.reps * args.block

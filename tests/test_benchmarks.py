@@ -130,11 +130,12 @@ def test_demo_step_cost_times_the_demo_stage_with_the_arm_it_names(tmp_path, mon
 
     monkeypatch.setattr(ReplayTerm, "step", counted)
     mod = _load_step_cost()
-    assert mod.main(["--model", "tiny", "--reps", "2", "--block", "2", "--warmup", "1", "--no-default",
+    assert mod.main(["--model", "tiny", "--reps", "2", "--block", "2", "--warmup", "1", "--no-default", "--control",
                      "--arm", "r2:replay_every=2,replay_data=builtin:pydoc", "--out", str(tmp_path)]) == 0
     rows = {r["config"]: r for r in csv.DictReader((tmp_path / "demo_step_cost_tiny_sft.csv").open())}
-    assert set(rows) == {"baseline", "r2"} and all(int(r["timed_steps"]) == 4 for r in rows.values())
-    assert calls["train-baseline"] == 0 and 2 <= calls["train-r2"] <= 3  # steps 2 and 4 of 5 trained
+    assert set(rows) == {"baseline", "control", "r2"} and all(int(r["timed_steps"]) == 4 for r in rows.values())
+    assert calls["train-baseline"] == calls["train-control"] == 0
+    assert 2 <= calls["train-r2"] <= 3  # steps 2 and 4 of 5 trained
     assert "replay_every" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         mod.main(["--model", "tiny", "--arm", "default:replay_every=2"])
