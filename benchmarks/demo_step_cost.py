@@ -135,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     per_trainer = args.warmup + args.reps * args.block
     budget = Budget()
     try:
-        (stage,) = parse_stages(args.stage, budget, lora=False)
+        stages = parse_stages(args.stage, budget, lora=False)
+        if len(stages) != 1:
+            raise ValueError(f"--stage {args.stage!r}: name one stage (sft, dpo or sft2), not a list")
+        stage = stages[0]
         configs = {n: supple_arm_config(1, [], False, overrides[n])[0] for n in names if overrides[n] is not None}
     except ValueError as exc:
         ap.error(str(exc))
