@@ -65,7 +65,7 @@ def test_recovered_share_lower_and_higher_is_better():
     assert math.isnan(recovered_share(0.4, [0.4] * 3, [0.3] * 3, higher_is_better=False)["estimate"])
 
 
-def _rec(arm, seed, idx, probe, ood, a_acc=0.5, a_ce=1.0, wall=10.0):
+def _rec(arm, seed, idx, probe, ood, a_acc=0.5, a_ce=1.0, wall=10.0, heldout_margin=0.2):
     stages = ["base", "sft", "dpo", "sft2"]
     probes = {f: {"final_loss": probe + (0.01 if f == "number_words" else 0.0), "final_loss_spread": 0.02}
               for f in ("reverse_words", "number_words")}
@@ -74,7 +74,8 @@ def _rec(arm, seed, idx, probe, ood, a_acc=0.5, a_ce=1.0, wall=10.0):
          "tasks": {"arithmetic": {"acc": a_acc, "answer_ce": a_ce}, "sorting": {"acc": 0.9, "answer_ce": 0.5},
                    "knowledge": {"acc": ood, "answer_ce": 2.0}},
          "train": None if idx == 0 else {"wall_s": wall, "rewards/accuracies_final": 0.8,
-                                         "rewards/margins_final": 0.3}}
+                                         "rewards/margins_final": 0.3, "heldout/rewards/accuracies": 0.7,
+                                         "heldout/rewards/margins": heldout_margin}}
     return r
 
 
@@ -113,6 +114,20 @@ def test_analyze_constructed_arms():
     quality = _quality_lines(an)  # one line per arm but the baseline, every stage metric with its interval
     assert [ln.split()[0] for ln in quality] == ["good", "bad"]
     assert "dpo reward acc 1.00 [1.00, 1.00]" in quality[0] and "sft2 acc sorting 1.00" in quality[0]
+    assert good["stage quality"]["dpo held-out reward margin"]["relative"]["estimate"] == pytest.approx(1.0)
+    # the held-out margin is a stage-quality criterion: 10 % below the baseline's fails the goal
+    low = [{**r, "train": {**r["train"], "heldout/rewards/margins": 0.18}}
+           if r["arm"] == "good" and r["stage"] == "dpo" else r for r in recs]
+    an_low = analyze(_results(low))
+    assert an_low["arms"]["good"]["stage quality"]["dpo held-out reward margin"]["relative"]["estimate"] == \
+        pytest.approx(0.9)
+    assert not an_low["goal"]["good"]["stage quality"] and not an_low["goal"]["good"]["all"]
+    # records of runs before held-out pairs existed: the criterion is absent (NaN), not a failure
+    old = [{**r, "train": {k: v for k, v in r["train"].items() if not k.startswith("heldout/")}}
+           if r["train"] else r for r in recs]
+    an_old = analyze(_results(old))
+    assert math.isnan(an_old["arms"]["good"]["stage quality"]["dpo held-out reward margin"]["estimate"])
+    assert an_old["goal"]["good"]["all"]
     # a probe whose own noise on one baseline checkpoint exceeds a third of the change is not quiet
     recs[[i for i, r in enumerate(recs) if (r["arm"], r["seed"], r["stage_index"]) == ("baseline", 1, 3)][0]][
         "probes"]["reverse_words"]["final_loss_spread"] = 0.08

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import random
 
 import pytest
@@ -240,6 +241,9 @@ def test_demo_cli_tiny_end_to_end(tmp_path, capsys):
     assert "supple/cross_overlap" in keys  # from the second stage on: earlier adapters as subspace
     dpo = [r for r in res["records"] if r["stage"] == "dpo"]
     assert all("rewards/accuracies_final" in r["train"] for r in dpo)
+    # the DPO stage's quality on held-out pairs, in every DPO record (LoRA: the reference is the adapter off)
+    assert all(0 <= r["train"]["heldout/rewards/accuracies"] <= 1 for r in dpo)
+    assert all(math.isfinite(r["train"]["heldout/rewards/margins"]) for r in dpo)
     sft2 = [r for r in res["records"] if r["stage"] == "sft2"]
     assert all("arithmetic" in r["forgetting"] for r in sft2)
     if any(r["train"].get("supple/replay_loss_final") is not None for r in sup):  # replay implemented

@@ -46,13 +46,16 @@ def shared_probe_seed_difference(a: dict, b: dict) -> float | None:
 
 def stage_quality_keys(stage: dict) -> list[tuple[str, Callable[[dict], float]]]:
     """(label, getter on the stage's record) of a stage's own quality: its task's held-out accuracy, and for
-    DPO the final reward accuracy and margin (mean over the last quarter of training), for GRPO the reward."""
+    DPO the final reward accuracy and margin (mean over the last quarter of training) and the same two on held-out
+    pairs (absent from records of runs before they existed: NaN, left out of the goal), for GRPO the reward."""
     fam = stage["family"]
     out: list[tuple[str, Callable[[dict], float]]] = [
         (f"{stage['name']} acc {fam}", lambda r, f=fam: r["tasks"][f]["acc"])]
     if stage["kind"] == "dpo":
         out += [(f"{stage['name']} reward acc", lambda r: r["train"]["rewards/accuracies_final"]),
-                (f"{stage['name']} reward margin", lambda r: r["train"]["rewards/margins_final"])]
+                (f"{stage['name']} reward margin", lambda r: r["train"]["rewards/margins_final"]),
+                (f"{stage['name']} held-out reward acc", lambda r: r["train"]["heldout/rewards/accuracies"]),
+                (f"{stage['name']} held-out reward margin", lambda r: r["train"]["heldout/rewards/margins"])]
     if stage["kind"] == "grpo":
         out.append((f"{stage['name']} reward", lambda r: r["train"]["reward_final"]))
     return out

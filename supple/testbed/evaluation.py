@@ -92,6 +92,17 @@ def _encode(tok, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
+def answer_sequence(tok, ex, answer: str, max_length: int) -> tuple[list[int], int]:
+    """``(token ids, first answer position)`` of ``ex``'s chat prompt (with the testbed's system prompt) followed by
+    the assistant turn ``answer``, cut to ``max_length`` tokens: the tokens from that position on are the answer's."""
+    prompt = _render(tok, T.prompt_messages(ex), True)
+    full = _render(tok, [*T.prompt_messages(ex), {"role": "assistant", "content": answer}], False)
+    p_ids, f_ids = _encode(tok, prompt), _encode(tok, full)
+    if f_ids[: len(p_ids)] != p_ids:  # template does not extend the prompt: tokenize the answer alone
+        f_ids = p_ids + _encode(tok, full[len(prompt) :] if full.startswith(prompt) else "")
+    return f_ids[:max_length], min(len(p_ids), max_length)
+
+
 def task_metrics(model, tok, family: str, n: int, batch_size: int = 16, max_length: int = 128) -> dict:
     """Held-out accuracy (greedy generation, checked), answer-token loss and ECE (teacher-forced) of a family."""
     import torch
@@ -105,9 +116,6 @@ def task_metrics(model, tok, family: str, n: int, batch_size: int = 16, max_leng
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     prompts = [_render(tok, T.prompt_messages(ex), True) for ex in examples]
-    fulls = [
-        _render(tok, [*T.prompt_messages(ex), {"role": "assistant", "content": ex.answer}], False) for ex in examples
-    ]
     was_training = model.training
     model.eval()
     conf, corr, nll = [], [], []
@@ -115,12 +123,7 @@ def task_metrics(model, tok, family: str, n: int, batch_size: int = 16, max_leng
     try:
         with torch.inference_mode():
             # teacher-forced answer tokens
-            seqs = []
-            for p, f in zip(prompts, fulls):
-                p_ids, f_ids = _encode(tok, p), _encode(tok, f)
-                if f_ids[: len(p_ids)] != p_ids:  # template does not extend the prompt: tokenize the answer alone
-                    f_ids = p_ids + _encode(tok, f[len(p) :] if f.startswith(p) else "")
-                seqs.append((f_ids[:max_length], min(len(p_ids), max_length)))
+            seqs = [answer_sequence(tok, ex, ex.answer, max_length) for ex in examples]
             for i in range(0, len(seqs), batch_size):
                 chunk = seqs[i : i + batch_size]
                 starts = [start for _, start in chunk]

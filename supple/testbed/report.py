@@ -94,7 +94,10 @@ def _stage_quality(results: dict) -> list[str]:
         m = g["metrics"]
         bits = []
         for key, label in (("train/loss_final", "train loss"), ("train/rewards/accuracies_final", "DPO reward acc"),
-                           ("train/rewards/margins_final", "DPO margin"), ("train/supple/diversity_final", "supple/diversity"),
+                           ("train/rewards/margins_final", "DPO margin"),
+                           ("train/heldout/rewards/accuracies", "held-out reward acc"),
+                           ("train/heldout/rewards/margins", "held-out margin"),
+                           ("train/supple/diversity_final", "supple/diversity"),
                            ("train/supple/decorrelation_final", "supple/decorrelation"),
                            ("train/supple/cross_overlap_final", "supple/cross_overlap")):
             if key in m:

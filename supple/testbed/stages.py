@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import tasks as T
+from .preference import heldout_preference_metrics
 from .settings import (
     _LORA_FIELDS,
     _REPLAY_FIELDS,
@@ -181,7 +182,8 @@ def run_sft_stage(ctx: StageContext) -> StageOutcome:
 
 
 def run_dpo_stage(ctx: StageContext) -> StageOutcome:
-    """DPO on preference pairs: the checked answer is chosen, a plausibly wrong answer rejected."""
+    """DPO on preference pairs: the checked answer is chosen, a plausibly wrong answer rejected. Its metrics add
+    the reward accuracy and margin on held-out pairs (``heldout/rewards/*``, preference.py)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -199,7 +201,13 @@ def run_dpo_stage(ctx: StageContext) -> StageOutcome:
     prepare_trainer(trainer).train()
     model, hist = trainer.model, list(trainer.state.log_history)
     del trainer
-    return StageOutcome(model, hist, _final_means(hist, ("loss", "rewards/accuracies", "rewards/margins")))
+    metrics = _final_means(hist, ("loss", "rewards/accuracies", "rewards/margins"))
+    # the same two quantities on held-out pairs (preference.py): the stage's quality on data it did not train on
+    b = ctx.budget
+    metrics.update(heldout_preference_metrics(model, ctx.tokenizer, ctx.stage.family, b.n_eval, b.dpo_beta,
+                                              reference=ref, batch_size=b.eval_batch, max_length=b.max_length))
+    del ref
+    return StageOutcome(model, hist, metrics)
 
 
 def run_grpo_stage(ctx: StageContext) -> StageOutcome:

@@ -16,7 +16,8 @@ VERDICT_LEGEND = [
     "rev, num = reverse_words, number_words, scored on held-out items (transfer)",
     "OOD = out-of-domain held-out accuracy; forget CE = answer cross-entropy on the first stage's task after the "
     "last stage (higher = forgot more); ECE = calibration error of in-domain answer tokens",
-    "quality = worst ratio arm / baseline over the stages' own metrics (task accuracy; DPO reward accuracy); "
+    "quality = worst ratio arm / baseline over the stages' own metrics (task accuracy; DPO reward accuracy and "
+    "margin, on its training batches and on held-out pairs); "
     "time = training wall time / baseline's",
 ]
 
