@@ -118,6 +118,11 @@ class SuppleConfig:
     replay_weight: float = field(default=0.1, metadata={"help": "Weight of the replay LM loss."})
     replay_every: int = field(default=4, metadata={"help": "Add a replay batch every N optimizer steps."})
     replay_batch_size: int = field(default=4, metadata={"help": "Sequences per replay batch."})
+    replay_max_length: int = field(
+        default=0,
+        metadata={"help": "Tokens kept per replay sequence (0 = the trainer's max_length, or 512 without one); "
+                          "the replay pass costs about this many tokens' forward/backward per sequence."},
+    )
     refresh_method: Optional[str] = field(
         default=None,
         metadata={"help": "Feature refresh: 'shrink_perturb', 'relora', 'redo' or None (off)."},
@@ -215,6 +220,10 @@ def validate_supple_fields(cfg: Any) -> None:
         _fail("replay_data", cfg.replay_data, "expected a file path or 'builtin:pydoc'")
     _check_int(cfg, "replay_every", 1)
     _check_int(cfg, "replay_batch_size", 1)
+    _check_int(cfg, "replay_max_length", 0)
+    if cfg.replay_max_length == 1:
+        _fail("replay_max_length", 1, "expected 0 (the trainer's max_length) or at least 2: a language-model loss "
+              "needs two tokens")
     if cfg.refresh_method is not None and cfg.refresh_method not in REFRESH_METHODS:
         _fail("refresh_method", cfg.refresh_method, f"allowed values are {', '.join(REFRESH_METHODS)} or None")
     _check_int(cfg, "refresh_every", 1)

@@ -46,6 +46,8 @@ def test_contract_fields_and_defaults():
         ({"previous_adapters": [3]}, "previous_adapters", "paths"),
         ({"replay_every": 0}, "replay_every", ">= 1"),
         ({"replay_batch_size": 0}, "replay_batch_size", ">= 1"),
+        ({"replay_max_length": -1}, "replay_max_length", ">= 0"),
+        ({"replay_max_length": 1}, "replay_max_length", "two tokens"),
         ({"refresh_method": "reset"}, "refresh_method", "shrink_perturb, relora, redo"),
         ({"refresh_every": 0}, "refresh_every", ">= 1"),
         ({"metrics_every": -5}, "metrics_every", ">= 0"),

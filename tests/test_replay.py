@@ -38,7 +38,7 @@ def spec_replay_batch(texts, tok, max_length, seed, step, every, batch_size, dev
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
-def replay_reference(base_cls, items, weight, every, batch_size, seed=0):
+def replay_reference(base_cls, items, weight, every, batch_size, seed=0, max_length=None):
     class Reference(base_cls):
         _seen = -1
 
@@ -48,8 +48,8 @@ def replay_reference(base_cls, items, weight, every, batch_size, seed=0):
             step = self.state.global_step
             if step != self._seen and step % every == 0:  # first micro-batch of a replay step
                 self._seen = step
-                batch = spec_replay_batch(items, self.processing_class, self.args.max_length, seed, step, every,
-                                          batch_size, loss.device)
+                batch = spec_replay_batch(items, self.processing_class, max_length or self.args.max_length, seed,
+                                          step, every, batch_size, loss.device)
                 replay = model(**batch, use_cache=False).loss
                 scaled = self.loss_is_scaled_for_ga
                 if scaled is None:
@@ -76,6 +76,34 @@ def test_replay_matches_hand_written_loss(tmp_path, kind, ga):
     assert max_abs_diff(sa, sc) > 1e-3
     losses = [h["supple/replay_loss"] for h in a.state.log_history if "supple/replay_loss" in h]
     assert len(losses) == 3 and all(v > 0 for v in losses)
+
+
+def test_replay_max_length_cuts_the_replayed_sequences(tmp_path):
+    """replay_max_length=6 keeps each replay text's first 6 tokens: the same parameters as a hand-written loss whose
+    replay batch is tokenized with max_length=6, and not those of the trainer's max_length."""
+    ds = Dataset.from_list([{"text": t} for t in REPLAY_TEXTS])
+    seen = []
+    cfg = SuppleConfig(replay_weight=0.5, replay_every=1, replay_batch_size=2, replay_max_length=6)
+    cb = SuppleCallback(cfg, replay_dataset=ds)
+    orig = ReplayTerm.make_batch
+
+    def spy(self, step, device):
+        batch, failed = orig(self, step, device)
+        seen.append(batch["input_ids"].shape[1])
+        return batch, failed
+
+    ReplayTerm.make_batch = spy
+    try:
+        a = run("sft", callbacks=[cb], steps=2, out=tmp_path / "a")
+    finally:
+        ReplayTerm.make_batch = orig
+    assert seen == [6, 6]  # every replay text is longer than 6 tokens
+    b = run("sft", trainer_cls=replay_reference(SFTTrainer, REPLAY_TEXTS, 0.5, 1, 2, max_length=6), steps=2,
+            out=tmp_path / "b")
+    full = run("sft", trainer_cls=replay_reference(SFTTrainer, REPLAY_TEXTS, 0.5, 1, 2), steps=2, out=tmp_path / "c")
+    sa, sb, sc = trainable_state(a), trainable_state(b), trainable_state(full)
+    assert_params_close(sa, sb, rtol=1e-5, atol=1e-6)
+    assert max_abs_diff(sa, sc) > 1e-4
 
 
 def test_replay_every_k_steps_only(tmp_path):

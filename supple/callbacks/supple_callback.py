@@ -326,7 +326,8 @@ def _build_parts(cfg: SuppleConfig, ctx: TrainingContext, objects: dict) -> _Run
         items = load_replay_items(cfg.replay_data if replay_ds is None else None, replay_ds)
         term = ReplayTerm(items, cfg.replay_weight, cfg.replay_every, cfg.replay_batch_size, ctx.seed)
         args = ctx.args
-        term.setup(ctx.processing_class, getattr(args, "max_length", None) or getattr(args, "max_seq_length", None))
+        term.setup(ctx.processing_class, cfg.replay_max_length or getattr(args, "max_length", None)
+                   or getattr(args, "max_seq_length", None))
         taps = run.taps
         run.replay = ReplayPart(term, ctx, pause=(lambda p: setattr(taps, "paused", p)) if taps else None)
     if cfg.refresh_method:

@@ -74,7 +74,7 @@ MAIN_ARMS = ("baseline", "supple")
 ABLATION_ARMS = ("baseline", "supple", "l2_anchor", "diversity", "diversity_anchored", "diversity_auto", "replay",
                  "refresh_boundary", "refresh", "decorrelation")
 
-_REPLAY_FIELDS = ("replay_data", "replay_weight", "replay_every", "replay_batch_size")
+_REPLAY_FIELDS = ("replay_data", "replay_weight", "replay_every", "replay_batch_size", "replay_max_length")
 _LORA_FIELDS = ("decorrelation_weight", "decorrelation_cross_weight")
 
 
