@@ -257,6 +257,27 @@ def test_demo_lr_overrides_the_chosen_regime_only(monkeypatch, tmp_path):
     assert (b.probe_seeds, b.probe_seeds_base, b.for_base_model().probe_seeds) == (2, 8, 8)
 
 
+def test_full_preset_is_the_documented_regime_that_loses_plasticity(monkeypatch, tmp_path):
+    """--full runs the stages and probes of the 240 / 60 / 120 pilot (docs/demo.md): the default budget's fields
+    with those steps, 4 probe seeds per checkpoint and 16 for the base model, and nothing else changed."""
+    import supple.testbed.pipeline as pipeline
+
+    seen = {}
+
+    def fake_run_demo(cfg):
+        seen["cfg"] = cfg
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(pipeline, "run_demo", fake_run_demo)
+    assert main(["demo", "--model", "tiny", "--full", "--out", str(tmp_path)]) == 2
+    full, default = seen["cfg"].budget, pipeline.PRESETS["default"]
+    assert {k: full.steps[k] for k in ("sft", "dpo", "sft2")} == {"sft": 240, "dpo": 60, "sft2": 120}
+    assert (full.probe_seeds, full.probe_seeds_base, len(seen["cfg"].seeds)) == (4, 16, 3)
+    same = [f for f in default.__dataclass_fields__ if f not in ("name", "steps", "probe_seeds", "probe_seeds_base")]
+    assert {f: getattr(full, f) for f in same} == {f: getattr(default, f) for f in same}
+    assert full.for_base_model().probe_seeds == 16
+
+
 def test_demo_says_on_screen_what_its_budget_can_show(monkeypatch, tmp_path, capsys):
     """The default budget says before it starts that it shows no loss of plasticity and which stages do; --quick
     says it is too short; a run with its own --steps, --lr or --lora gets neither line."""

