@@ -139,3 +139,48 @@ def test_demo_step_cost_times_the_demo_stage_with_the_arm_it_names(tmp_path, mon
     assert "replay_every" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         mod.main(["--model", "tiny", "--arm", "default:replay_every=2"])
+
+
+def _rec(seed, stage, idx, losses, acc, margin=None, probe=None):
+    train = {"loss_final": losses[-1], "log_history": [{"step": i + 1, "loss": v} for i, v in enumerate(losses)]}
+    if margin is not None:
+        train["rewards/margins_final"] = margin
+    r = {"arm": "baseline", "seed": seed, "stage": stage, "stage_index": idx, "train": train,
+         "tasks": {"arithmetic": {"acc": acc, "answer_ce": 1.0, "ece": 0.1}}}
+    if probe is not None:
+        r["probes"] = {"word_codes": {"final_loss": probe}}
+    return r
+
+
+def test_compare_reruns_finds_the_first_divergent_step_and_the_last_stage_spread(tmp_path, capsys):
+    """Two constructed runs: stage sft equal at every step, stage dpo apart from step 3 on; the report names the
+    step, each metric's values and the largest |B - A| at the last stage over seeds."""
+    spec = importlib.util.spec_from_file_location("_test_compare_reruns", REPO / "benchmarks" / "compare_reruns.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    a = {"records": [_rec(0, "sft", 1, [3.0, 2.0, 1.0], 0.5), _rec(0, "dpo", 2, [0.7, 0.6, 0.5], 0.5, 0.9, 2.0),
+                     _rec(1, "dpo", 2, [0.7, 0.6, 0.5], 0.25, 0.8, 2.2)]}
+    b = {"records": [_rec(0, "sft", 1, [3.0, 2.0, 1.0], 0.5), _rec(0, "dpo", 2, [0.7, 0.6, 0.5 + 1e-6], 0.25, 0.6, 2.5),
+                     _rec(1, "dpo", 2, [0.7, 0.6, 0.5], 0.375, 0.8, 2.1),
+                     {**_rec(0, "sft", 1, [9.0], 0.0), "arm": "supple"}]}
+    for name, res in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(res))
+    assert mod.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "aa.md")]) == 0
+    res = mod.compare(a, b, "baseline")
+    by = {(r["seed"], r["stage"]): r for r in res["rows"]}
+    assert set(by) == {(0, "sft"), (0, "dpo"), (1, "dpo")}  # seed 1 has no sft in A; the supple arm is ignored
+    assert by[0, "sft"]["diverges_at"] is None and by[0, "dpo"]["diverges_at"] == 3
+    assert by[1, "dpo"]["diverges_at"] is None
+    assert by[0, "dpo"]["metrics"]["acc/arithmetic"] == (0.5, 0.25)
+    spread = res["last_stage_max_abs_diff"]
+    assert spread["acc/arithmetic"] == pytest.approx(0.25)  # max(|0.25-0.5|, |0.375-0.25|)
+    assert spread["train/rewards/margins_final"] == pytest.approx(0.3)
+    assert spread["probe/word_codes"] == pytest.approx(0.5)
+    text = (tmp_path / "aa.md").read_text()
+    assert "training losses first differ at step 3" in text and "never (every logged step equal)" in text
+    assert text == capsys.readouterr().out
+    with pytest.raises(SystemExit, match="share no"):
+        mod.compare(a, b, "supple")
+    other = mod.compare(a, b, "baseline", arm_b="supple", stages=["sft"])
+    assert [(r["seed"], r["stage"], r["diverges_at"]) for r in other["rows"]] == [(0, "sft", 1)]
