@@ -26,6 +26,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from supple.testbed.analysis import probe_seed_values  # noqa: E402
 from supple.testbed.records import flat_metrics  # noqa: E402
 
 # the metrics the demo's verdict and stage-quality check read, by how flat_metrics names them
@@ -41,13 +42,28 @@ def _load(path: str) -> dict:
 
 
 def record_metrics(r: dict) -> dict[str, float]:
-    """The judged metrics of one stage record: task accuracies and answer CEs, forgetting, the stage's own training
-    and preference numbers, and each probe family's final loss (mean over its probe seeds)."""
-    flat = flat_metrics(r)
-    out = {k: v for k, v in flat.items() if k.startswith(_PREFIXES) or k in _TRAIN}
-    for fam, p in (r.get("probes") or {}).items():
-        if "final_loss" in p:
-            out[f"probe/{fam}"] = float(p["final_loss"])
+    """The judged metrics of one stage record: task accuracies and answer CEs, forgetting, and the stage's own
+    training and preference numbers (the probes are compared per probe seed, :func:`probe_means`)."""
+    return {k: v for k, v in flat_metrics(r).items() if k.startswith(_PREFIXES) or k in _TRAIN}
+
+
+def probe_means(a: dict, b: dict) -> dict[str, tuple[float, float]]:
+    """``probe/FAMILY: (mean in a, mean in b)`` of each probe family's final loss over the probe seeds both records
+    ran (a re-probe may have run more of them than the demo); the records' own means where either kept no per-seed
+    values."""
+    out = {}
+    pa, pb = a.get("probes") or {}, b.get("probes") or {}
+    for fam in sorted(set(pa) & set(pb)):
+        try:
+            va, vb = probe_seed_values(pa[fam]), probe_seed_values(pb[fam])
+        except KeyError:
+            if "final_loss" in pa[fam] and "final_loss" in pb[fam]:
+                out[f"probe/{fam}"] = (float(pa[fam]["final_loss"]), float(pb[fam]["final_loss"]))
+            continue
+        shared = sorted(set(va) & set(vb))
+        if shared:
+            out[f"probe/{fam} (probe seeds {','.join(map(str, shared))})"] = (
+                sum(va[k] for k in shared) / len(shared), sum(vb[k] for k in shared) / len(shared))
     return out
 
 
@@ -78,8 +94,10 @@ def compare(a: dict, b: dict, arm: str, tol: float = 1e-9, arm_b: str | None = N
     rows = []
     for key in shared:
         ma, mb = record_metrics(ra[key]), record_metrics(rb[key])
-        metrics = {m: (ma[m], mb[m]) for m in sorted(set(ma) & set(mb))
-                   if all(isinstance(v, float) and math.isfinite(v) for v in (ma[m], mb[m]))}
+        metrics = {m: (ma[m], mb[m]) for m in sorted(set(ma) & set(mb))}
+        metrics.update(probe_means(ra[key], rb[key]))
+        metrics = {m: (x, y) for m, (x, y) in metrics.items()
+                   if all(isinstance(v, float) and math.isfinite(v) for v in (x, y))}
         rows.append({"seed": key[0], "stage": key[1], "stage_index": ra[key].get("stage_index", 0),
                      "diverges_at": first_divergent_step(ra[key], rb[key], tol), "metrics": metrics})
     last = max(r["stage_index"] for r in rows)
@@ -95,7 +113,7 @@ def compare(a: dict, b: dict, arm: str, tol: float = 1e-9, arm_b: str | None = N
 def format_markdown(res: dict, name_a: str, name_b: str) -> str:
     lines = [f"# A/A: arm {res['arm']}, {name_a} (A) against {name_b} (B)", ""]
     for r in res["rows"]:
-        div = "never (every logged step equal)" if r["diverges_at"] is None else f"step {r['diverges_at']}"
+        div = "no step (every logged step is equal)" if r["diverges_at"] is None else f"step {r['diverges_at']}"
         lines += [f"## seed {r['seed']}, stage {r['stage']}: training losses first differ at {div}", "",
                   "| metric | A | B | B − A |", "|---|---:|---:|---:|"]
         lines += [f"| {m} | {x:.4f} | {y:.4f} | {y - x:+.4f} |" for m, (x, y) in r["metrics"].items()]

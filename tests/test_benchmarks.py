@@ -141,14 +141,16 @@ def test_demo_step_cost_times_the_demo_stage_with_the_arm_it_names(tmp_path, mon
         mod.main(["--model", "tiny", "--arm", "default:replay_every=2"])
 
 
-def _rec(seed, stage, idx, losses, acc, margin=None, probe=None):
+def _rec(seed, stage, idx, losses, acc, margin=None, probe=None, third_probe_seed=True):
     train = {"loss_final": losses[-1], "log_history": [{"step": i + 1, "loss": v} for i, v in enumerate(losses)]}
     if margin is not None:
         train["rewards/margins_final"] = margin
     r = {"arm": "baseline", "seed": seed, "stage": stage, "stage_index": idx, "train": train,
          "tasks": {"arithmetic": {"acc": acc, "answer_ce": 1.0, "ece": 0.1}}}
-    if probe is not None:
-        r["probes"] = {"word_codes": {"final_loss": probe}}
+    if probe is not None:  # per probe seed: seeds 0 and 1 at `probe`, a third one (a re-probe's) far off
+        seeds, vals = ([0, 1, 2], [probe, probe, probe + 9.0]) if third_probe_seed else ([0, 1], [probe, probe])
+        r["probes"] = {"word_codes": {"final_loss": sum(vals) / len(vals), "seeds": seeds,
+                                      "per_seed": {"final_loss": vals}}}
     return r
 
 
@@ -160,8 +162,9 @@ def test_compare_reruns_finds_the_first_divergent_step_and_the_last_stage_spread
     spec.loader.exec_module(mod)
     a = {"records": [_rec(0, "sft", 1, [3.0, 2.0, 1.0], 0.5), _rec(0, "dpo", 2, [0.7, 0.6, 0.5], 0.5, 0.9, 2.0),
                      _rec(1, "dpo", 2, [0.7, 0.6, 0.5], 0.25, 0.8, 2.2)]}
-    b = {"records": [_rec(0, "sft", 1, [3.0, 2.0, 1.0], 0.5), _rec(0, "dpo", 2, [0.7, 0.6, 0.5 + 1e-6], 0.25, 0.6, 2.5),
-                     _rec(1, "dpo", 2, [0.7, 0.6, 0.5], 0.375, 0.8, 2.1),
+    b = {"records": [_rec(0, "sft", 1, [3.0, 2.0, 1.0], 0.5), _rec(0, "dpo", 2, [0.7, 0.6, 0.5 + 1e-6], 0.25, 0.6, 2.5,
+                          third_probe_seed=False),
+                     _rec(1, "dpo", 2, [0.7, 0.6, 0.5], 0.375, 0.8, 2.1, third_probe_seed=False),
                      {**_rec(0, "sft", 1, [9.0], 0.0), "arm": "supple"}]}
     for name, res in (("a", a), ("b", b)):
         (tmp_path / name).mkdir()
@@ -176,9 +179,9 @@ def test_compare_reruns_finds_the_first_divergent_step_and_the_last_stage_spread
     spread = res["last_stage_max_abs_diff"]
     assert spread["acc/arithmetic"] == pytest.approx(0.25)  # max(|0.25-0.5|, |0.375-0.25|)
     assert spread["train/rewards/margins_final"] == pytest.approx(0.3)
-    assert spread["probe/word_codes"] == pytest.approx(0.5)
+    assert spread["probe/word_codes (probe seeds 0,1)"] == pytest.approx(0.5)  # A's third probe seed is left out
     text = (tmp_path / "aa.md").read_text()
-    assert "training losses first differ at step 3" in text and "never (every logged step equal)" in text
+    assert "training losses first differ at step 3" in text and "no step (every logged step is equal)" in text
     assert text == capsys.readouterr().out
     with pytest.raises(SystemExit, match="share no"):
         mod.compare(a, b, "supple")

@@ -487,3 +487,17 @@ def test_supple_overrides_scoped_to_one_stage(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no stage 'sft2'" in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "bad" / "results.json").exists()
+
+
+def test_machine_line_names_the_cpu_kernels_a_rerun_must_match():
+    """meta.machine keeps what decides bitwise reproducibility across sessions: the core count and the vector
+    kernels torch dispatches to (a rerun on AVX2 vs AVX512 is another draw of the model)."""
+    import os
+
+    import torch
+
+    from supple.testbed.pipeline import _machine
+
+    line = _machine()
+    assert f"{os.cpu_count()} CPU cores" in line
+    assert f"torch CPU kernels {torch.backends.cpu.get_cpu_capability()}" in line

@@ -338,9 +338,26 @@ def _model_name(spec: str) -> str:
 
 
 def _machine() -> str:
+    """``"x86_64, AMD EPYC, 2 CPU cores, Linux, torch CPU kernels AVX512"``. The CPU model and the vector kernels torch
+    picked are kept because full fine-tuning is reproducible bit for bit only on the same kind of machine: on
+    another, the first step's loss differs in the sixth digit and hundreds of steps later the model is another draw
+    (docs/demo.md, "An A/A rerun of the baseline")."""
     import platform
 
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"
+    import torch
+
+    model = ""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
+    model = model or platform.processor()
+    try:
+        kernels = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):  # older torch
+        kernels = ""
+    parts = [platform.machine(), model, f"{os.cpu_count()} CPU cores", platform.system(),
+             f"torch CPU kernels {kernels}" if kernels else ""]
+    return ", ".join(p for p in parts if p)
 
 
 def _versions() -> dict[str, str]:
