@@ -35,9 +35,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def load_bench(name: str) -> ModuleType:
-    """Import ``benchmarks/<name>.py`` (``kernels``, ``overhead``) under a private module name.
+    """Import ``benchmarks/<name>.py`` (``kernel_speed``, ``overhead``) under a private module name.
 
-    The scripts are not a package, and ``kernels`` would clash with an installed distribution of that name.
+    The scripts are not a package, and a plain import would put ``benchmarks/`` first on ``sys.path``.
     """
     key = f"_supple_bench_{name}"
     if key in sys.modules:
@@ -63,10 +63,10 @@ def time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: i
 
     CUDA: CUDA events around each call, with the L2 cache flushed (a ``flush_bytes`` buffer zeroed) before
     each call outside the timed window, so that a 29 MB LoRA stack is read from HBM and not from the 50+ MB
-    L2. CPU: ``benchmarks/kernels.py``'s ``time_call`` (wall time).
+    L2. CPU: ``benchmarks/kernel_speed.py``'s ``time_call`` (wall time).
     """
     if device.type != "cuda":
-        return load_bench("kernels").time_call(lambda: fn(), (), device, warmup, repeats)
+        return load_bench("kernel_speed").time_call(lambda: fn(), (), device, warmup, repeats)
     flush = torch.empty(flush_bytes // 4, dtype=torch.float32, device=device)
     for _ in range(warmup):
         fn()

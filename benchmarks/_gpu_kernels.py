@@ -316,7 +316,7 @@ def check_speed(device: torch.device, dry_run: bool, peak_gbps: float | None, pe
                 compile_ref: bool, warmup: int, repeats: int, deadline: float = math.inf, log=print) -> dict:
     """Check 2. Forward+backward time of Triton, the reference and ``torch.compile(reference)``; bandwidth.
     Cases not started by ``deadline`` are listed as not run."""
-    kb = load_bench("kernels")
+    kb = load_bench("kernel_speed")
     ipr_fn, ortho_fn, how = triton_impls(device)
     timed_triton = device.type == "cuda" and ipr_fn is not None  # interpreter timings mean nothing
     rows, not_run = [], []

@@ -187,3 +187,15 @@ def test_compare_reruns_finds_the_first_divergent_step_and_the_last_stage_spread
         mod.compare(a, b, "supple")
     other = mod.compare(a, b, "baseline", arm_b="supple", stages=["sft"])
     assert [(r["seed"], r["stage"], r["diverges_at"]) for r in other["rows"]] == [(0, "sft", 1)]
+
+
+def test_no_benchmark_script_shadows_an_importable_module():
+    """A script run as ``python benchmarks/x.py`` puts benchmarks/ first on sys.path, and spawned worker
+    processes inherit that path: a script named like an installed distribution's module (``kernels``, which
+    transformers >= 5.25 imports when it is installed) or a standard-library module replaces it there."""
+    import importlib.metadata
+    import sys
+
+    taken = set(importlib.metadata.packages_distributions()) | set(sys.stdlib_module_names) | {"kernels"}
+    clashes = sorted(p.name for p in (REPO / "benchmarks").glob("*.py") if p.stem in taken)
+    assert not clashes, f"rename these benchmark scripts, their names shadow importable modules: {clashes}"

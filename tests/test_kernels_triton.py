@@ -362,7 +362,7 @@ def _sm90_compile(request):
 
 def test_kernels_compile_for_h100(_sm90_compile):
     """Every kernel compiles to an sm_90 cubin with its first (largest) autotune config, within H100
-    shared memory. `python benchmarks/kernels.py --compile-check` sweeps all configs and dtypes."""
+    shared memory. `python benchmarks/kernel_speed.py --compile-check` sweeps all configs and dtypes."""
     proc = _sm90_compile
     try:
         stdout, stderr = proc.communicate(timeout=600)

@@ -211,7 +211,7 @@ def _make_prune(backward: bool):
     dot operands offdiag(Ĝ) and Q (used twice), (r_pad² + 2·r_pad·k_pad)·4 B, against a 200 KB budget.
     It is only an estimate (compiled sm_90 kernels use between 0.5× and 1.3× of it); what counts is
     that every config it keeps for r_pad, k_pad ∈ {16, 32, 64} compiles within the 227 KB of an H100
-    (``python benchmarks/kernels.py --compile-check``). Large r tiles (an r_pad² accumulator) get 8 warps.
+    (``python benchmarks/kernel_speed.py --compile-check``). Large r tiles (an r_pad² accumulator) get 8 warps.
     """
 
     def prune(configs, named_args, **kwargs):

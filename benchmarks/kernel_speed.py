@@ -2,10 +2,10 @@
 
 Usage::
 
-    python benchmarks/kernels.py --quick                 # a small sweep (CPU: about a minute)
-    python benchmarks/kernels.py                         # the full (n, d) sweep
-    python benchmarks/kernels.py --ns 1024,4096 --ds 576,4096 --repeats 20 --dtype bf16
-    python benchmarks/kernels.py --compile-check         # compile every autotune config for sm_90 (no GPU)
+    python benchmarks/kernel_speed.py --quick                 # a small sweep (CPU: about a minute)
+    python benchmarks/kernel_speed.py                         # the full (n, d) sweep
+    python benchmarks/kernel_speed.py --ns 1024,4096 --ds 576,4096 --repeats 20 --dtype bf16
+    python benchmarks/kernel_speed.py --compile-check         # compile every autotune config for sm_90 (no GPU)
 
 Ops and implementations (each row is one call computing the value *and* the gradient):
 
