@@ -17,6 +17,7 @@ from .pipeline import (
     run_demo,
     supple_arm_config,
 )
+from .settings import SUPPLE_LAST_STAGE
 from .tasks import FAMILIES, ROLES, get_family
 from .tiny import make_tiny_model, make_tiny_tokenizer
 
@@ -27,6 +28,7 @@ __all__ = [
     "ROLES",
     "STAGE_KINDS",
     "SUPPLE_ARM_DEFAULTS",
+    "SUPPLE_LAST_STAGE",
     "Budget",
     "DemoConfig",
     "EmbeddedModelMissing",

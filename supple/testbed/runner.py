@@ -93,7 +93,7 @@ def _arm_callbacks(setup: JobSetup, arm_name: str, i: int, subspaces: dict) -> t
     callbacks: list = []
     notes: list[str] = []
     used = None
-    if arm.supple is not None:
+    if arm.supple is not None and not (arm.last_stage_only and i < len(setup.stages)):
         overrides = setup.arm_overrides if arm_name == "supple" else {}
         replay_file = setup.arm_overrides.get("_replay_file")
         base = dict(arm.supple)

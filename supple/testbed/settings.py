@@ -25,6 +25,10 @@ SUPPLE_ARM_DEFAULTS: dict[str, Any] = {
     "replay_batch_size": 1,
 }
 
+# The supple_last arm: the default arm's fields with a heavier replay, applied in the last stage only. Chosen on
+# training seeds 0-2 of the 240/60/120 full fine-tuning regime (docs/demo.md, "supple in the last stage only").
+SUPPLE_LAST_STAGE: dict[str, Any] = {**SUPPLE_ARM_DEFAULTS, "replay_every": 2, "replay_weight": 1.0}
+
 
 @dataclass(frozen=True)
 class Arm:
@@ -34,6 +38,9 @@ class Arm:
     testbed-only yardsticks, which supple does not ship: ``anchor_weight`` λ of an L2 pull toward the weights the
     model had when the stage began (Kumar et al. 2023, "regenerative regularization"), and ``boundary_refresh``
     (α, σ) of one Shrink & Perturb of every weight at the start of every stage after the first.
+    ``last_stage_only``: no callback in the stages before the last, so they are the baseline's (same seed, same
+    data order), and the arm's ``supple`` fields in the last one: supple applied when an already post-trained
+    model is fine-tuned again.
     """
 
     name: str
@@ -42,6 +49,7 @@ class Arm:
     lora_only: bool = False  # meaningful only with LoRA stages (skipped under full fine-tuning)
     anchor_weight: float = 0.0
     boundary_refresh: tuple[float, float] | None = None
+    last_stage_only: bool = False  # ``supple`` applies to the last stage only; the stages before it train plainly
 
 
 _ANCHORED = {"diversity_weight": 1.0, "diversity_penalty": "ipr", "diversity_layers": [-1],
@@ -49,6 +57,9 @@ _ANCHORED = {"diversity_weight": 1.0, "diversity_penalty": "ipr", "diversity_lay
 ARM_TABLE: dict[str, Arm] = {a.name: a for a in (
     Arm("baseline", "plain TRL training"),
     Arm("supple", "supple's default arm (SUPPLE_ARM_DEFAULTS)", supple=SUPPLE_ARM_DEFAULTS),
+    Arm("supple_last", "supple in the last stage only, none before it: the default arm's diversity term with "
+        "replay of 1 builtin:pydoc sequence every 2 steps at weight 1 (docs/demo.md, 'supple in the last stage "
+        "only')", supple=SUPPLE_LAST_STAGE, last_stage_only=True),
     Arm("diversity", "diversity penalty alone (normalized ipr, weight 1, last block)",
         supple={"diversity_weight": 1.0, "diversity_penalty": "ipr", "diversity_layers": [-1]}),
     Arm("diversity_anchored", "diversity penalty only where it fell below the pre-stage model's (ipr, weight 1, "
