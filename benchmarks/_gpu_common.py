@@ -37,7 +37,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 def load_bench(name: str) -> ModuleType:
     """Import ``benchmarks/<name>.py`` (``kernel_speed``, ``overhead``) under a private module name.
 
-    The scripts are not a package, and a plain import would put ``benchmarks/`` first on ``sys.path``.
+    The scripts are not a package; loading one by its file path, under a name no installed module has, keeps it
+    from standing in for a module of its own name (tests/test_benchmarks.py checks that no script has one).
     """
     key = f"_supple_bench_{name}"
     if key in sys.modules:
