@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 __all__ = ["Journal"]
 
 _LEGACY_PROBES = ("reverse_words", "number_words")  # the probe families before word_codes
+# Budget fields only training reads: the base model's job (geometry, held-out tasks, probes of the untrained
+# model) is the same whatever they are, so its signature leaves them out
+_TRAINING_ONLY = ("name", "steps", "seeds", "batch_size", "grad_accum", "lora_r", "lora_alpha", "lr_lora", "lr_full",
+                  "dpo_beta")
 
 
 class Journal:
@@ -24,7 +28,10 @@ class Journal:
     ``--resume`` reruns only what is missing. A line counts only for the same model, budget, stages, regime and
     supple overrides (its ``signature``). The base-model job is signed with the probe seeds it runs
     (``Budget.for_base_model``) and the (seed, arm) jobs without ``probe_seeds_base``, so changing
-    ``--base-probe-seeds`` under ``--resume`` reruns the base model only. The supple arm's overrides
+    ``--base-probe-seeds`` under ``--resume`` reruns the base model only. The base-model job's signature leaves
+    out what only training reads (stage steps and learning rates, the regime, the training budget fields), so a
+    pilot of other steps or learning rates into a journal holding that job reuses it; a base-model line written
+    before (signed with everything) still counts for the same settings. The supple arm's overrides
     (``--supple``) sign the supple arm's jobs only, the one arm they change: trying another supple setting under
     ``--resume`` reuses the baseline's and the other arms' jobs."""
 
@@ -37,7 +44,13 @@ class Journal:
             return json.dumps({**rest, "supple": overrides, "budget": asdict(replace(budget, probe_seeds_base=0))},
                               sort_keys=True, default=str)
 
-        self.base_signature = sign(cfg.budget.for_base_model(), {})
+        self.base_signature = json.dumps(
+            {"model": cfg.model, "probes": list(T.PROBE_FAMILIES),
+             "stages": [{"name": s.name, "kind": s.kind, "family": s.family} for s in stages],
+             "budget": {k: v for k, v in asdict(cfg.budget.for_base_model()).items()
+                        if k not in _TRAINING_ONLY and k != "probe_seeds_base"}},
+            sort_keys=True, default=str)
+        self._legacy_base_signature = sign(cfg.budget.for_base_model(), {})
         self.signature, self.supple_signature = sign(cfg.budget, {}), sign(cfg.budget, cfg.supple_overrides)
         if self.path and not cfg.resume and os.path.exists(self.path):
             os.remove(self.path)
@@ -58,7 +71,10 @@ class Journal:
                 except json.JSONDecodeError:  # a line cut by an interruption
                     continue
                 ours = self._signature_for(row.get("seed"), row.get("arm"))
-                if row.get("signature") == ours or self._compatible(row.get("signature"), ours):
+                stored = row.get("signature")
+                if row.get("seed") is None and stored != ours:  # a base-model line signed the older way
+                    ours = self._legacy_base_signature
+                if stored == ours or self._compatible(stored, ours):
                     out[(row["seed"], row["arm"])] = row["out"]
         return out
 
