@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 __all__ = ["Journal"]
 
 _LEGACY_PROBES = ("reverse_words", "number_words")  # the probe families before word_codes
-# Budget fields only training reads: the base model's job (geometry, held-out tasks, probes of the untrained
-# model) is the same whatever they are, so its signature leaves them out
+# Budget fields only training reads, and the budget's name (a label): the base model's job (geometry, held-out
+# tasks, probes of the untrained model) is the same whatever they are, so its signature leaves them out
 _TRAINING_ONLY = ("name", "steps", "seeds", "batch_size", "grad_accum", "lora_r", "lora_alpha", "lr_lora", "lr_full",
                   "dpo_beta")
 
@@ -40,17 +40,18 @@ class Journal:
         rest = {"model": cfg.model, "stages": [asdict(s) for s in stages], "lora": cfg.lora,
                 "defaults": SUPPLE_ARM_DEFAULTS, "probes": list(T.PROBE_FAMILIES)}
 
-        def sign(budget: Budget, overrides: dict) -> str:
-            return json.dumps({**rest, "supple": overrides, "budget": asdict(replace(budget, probe_seeds_base=0))},
-                              sort_keys=True, default=str)
+        def dump(payload: dict) -> str:
+            return json.dumps(payload, sort_keys=True, default=str)
 
-        self.base_signature = json.dumps(
-            {"model": cfg.model, "probes": list(T.PROBE_FAMILIES),
+        def sign(budget: Budget, overrides: dict) -> str:
+            return dump({**rest, "supple": overrides, "budget": asdict(replace(budget, probe_seeds_base=0))})
+
+        base = cfg.budget.for_base_model()
+        self.base_signature = dump(
+            {"model": cfg.model, "probes": rest["probes"],
              "stages": [{"name": s.name, "kind": s.kind, "family": s.family} for s in stages],
-             "budget": {k: v for k, v in asdict(cfg.budget.for_base_model()).items()
-                        if k not in _TRAINING_ONLY and k != "probe_seeds_base"}},
-            sort_keys=True, default=str)
-        self._legacy_base_signature = sign(cfg.budget.for_base_model(), {})
+             "budget": {k: v for k, v in asdict(base).items() if k not in _TRAINING_ONLY + ("probe_seeds_base",)}})
+        self._legacy_base_signature = sign(base, {})  # how base-model lines were signed before
         self.signature, self.supple_signature = sign(cfg.budget, {}), sign(cfg.budget, cfg.supple_overrides)
         if self.path and not cfg.resume and os.path.exists(self.path):
             os.remove(self.path)
@@ -59,6 +60,11 @@ class Journal:
         if seed is None:
             return self.base_signature
         return self.supple_signature if arm == "supple" else self.signature
+
+    def _accepted(self, seed: int | None, arm: str | None) -> tuple[str, ...]:
+        """The signatures a stored line of this job may carry: its own, and for the base model the older one."""
+        ours = self._signature_for(seed, arm)
+        return (ours, self._legacy_base_signature) if seed is None else (ours,)
 
     def load(self) -> dict[tuple, dict]:
         out: dict[tuple, dict] = {}
@@ -70,11 +76,9 @@ class Journal:
                     row = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by an interruption
                     continue
-                ours = self._signature_for(row.get("seed"), row.get("arm"))
                 stored = row.get("signature")
-                if row.get("seed") is None and stored != ours:  # a base-model line signed the older way
-                    ours = self._legacy_base_signature
-                if stored == ours or self._compatible(stored, ours):
+                if any(stored == sig or self._compatible(stored, sig)
+                       for sig in self._accepted(row.get("seed"), row.get("arm"))):
                     out[(row["seed"], row["arm"])] = row["out"]
         return out
 
