@@ -90,6 +90,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--save-models", metavar="DIR", default=None,
                    help="keep every arm's merged checkpoint after every stage as safetensors under "
                    "DIR/seedS/ARM/STAGE (about 0.5 GB each for SmolLM2-135M), e.g. for `supple probe`")
+    p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
+                   help="train every arm's every stage, also the first stages an arm trains exactly as the baseline "
+                   "(e.g. supple_last's): by default such an arm starts from the baseline's checkpoint after them")
     p.add_argument("--resume", action="store_true",
                    help="reuse the (seed, arm) jobs that a previous run into the same --out with the same settings "
                    "finished (kept in OUT/jobs.jsonl as each job ends) and run only the rest")
@@ -167,6 +170,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         keep_workdir=args.keep_workdir,
         threads=args.threads,
         save_models=args.save_models,
+        share_prefix=args.share_prefix,
         resume=args.resume or args.report_only,
         report_only=args.report_only,
         command="supple " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["demo"] else None,

@@ -119,6 +119,7 @@ class DemoConfig:
     resume: bool = False  # reuse the jobs a previous run with the same settings finished (``out``/jobs.jsonl)
     announce: Any = None  # a function printing one line: the plan, before the run starts
     save_models: str | None = None  # keep every arm's merged checkpoint after every stage (safetensors) here
+    share_prefix: bool = True  # an arm whose first stages train as the baseline's branches from its checkpoint
 
 
 def _busy_cores(cores: int, window_s: float = 0.5, stat: str = "/proc/stat") -> float:
@@ -192,6 +193,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     from supple.measure.corpus import load_builtin_corpus
 
+    from .prefix import prefix_path, shared_stages
     from .runner import Job, JobSetup, run_jobs
 
     t_start = time.perf_counter()
@@ -249,6 +251,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     journal = Journal(cfg, stages)
     done = journal.load() if cfg.resume else {}
     todo = [j for j in jobs if (j.seed, j.arm) not in done]
+    shared = {a: shared_stages(setup, a) for a in arms} if cfg.share_prefix and "baseline" in arms else {}
+    for j in todo:
+        k = shared.get(j.arm, 0)
+        if k and ((j.seed, "baseline") not in done or os.path.isdir(prefix_path(setup, j.seed, k))):
+            j.branch = k  # a baseline finished before keeps its checkpoint only under the same --save-models
+    setup = replace(setup, keep_prefix=tuple(sorted({j.branch for j in todo if j.branch})))
+    shared = {a: k for a, k in shared.items() if any(j.arm == a and j.branch for j in todo)}
     if cfg.report_only:  # tables from what a run finished: arms missing a seed are left out
         missing = {j.arm for j in todo}
         if None in missing:
@@ -262,6 +271,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         todo = []
     total -= sum(units_base if j.seed is None else sum(s.steps + units_eval for s in stages)
                  for j in jobs if (j.seed, j.arm) in done)
+    total -= sum(sum(s.steps + units_eval for s in stages[: j.branch]) for j in todo)
     if cfg.announce:
         cfg.announce(f"plan: {len(arms)} arm(s) [{', '.join(arms)}] x {len(cfg.seeds)} training seed(s) "
                      f"{list(cfg.seeds)} x stages {' -> '.join(f'{s.name} ({s.steps} steps @ lr {s.lr:g})' for s in stages)}, "
@@ -270,10 +280,15 @@ def run_demo(cfg: DemoConfig) -> dict:
                      f"{f' (base model {budget.probe_seeds_base})' if budget.probe_seeds_base else ''}; {budget.n_eval} held-out "
                      f"items per family; device {device}, {workers} worker process(es) x {run_threads} torch "
                      f"thread(s)")
+        for a, k in shared.items():
+            cfg.announce(f"arm {a} trains stage(s) {', '.join(s.name for s in stages[:k])} as the baseline does: it "
+                         f"starts from the baseline's checkpoint after {stages[k - 1].name} (trained once; "
+                         f"--no-share-prefix trains them again)")
     bar = tqdm(total=total, desc="supple demo", unit="step", disable=not cfg.progress, dynamic_ncols=True)
     try:
         with _quiet():
-            fresh = run_jobs(setup, todo, workers, run_threads, bar.update, bar.set_description, journal.add)
+            fresh = run_jobs(setup, todo, workers, run_threads, bar.update, bar.set_description, journal.add,
+                             finished=done)
     finally:
         bar.close()
         torch.set_num_threads(threads)
@@ -311,6 +326,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             "supple_arm_defaults": SUPPLE_ARM_DEFAULTS,
             "supple_overrides": cfg.supple_overrides,
             "supple_configs": supple_configs,
+            "shared_prefix": {a: [s.name for s in stages[:k]] for a, k in shared.items()},
             "notes": notes,
             "device": device,
             "torch_threads": run_threads,

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .evaluation import EvalPlan, evaluate, load_testbed_model
+from .prefix import branch_records, load_weights, prefix_path
 from .settings import ARM_TABLE
 from .stages import (
     STAGE_KINDS,
@@ -32,6 +33,7 @@ class Job:
 
     seed: int | None
     arm: str | None
+    branch: int = 0  # stages taken from the baseline job of the same seed (its checkpoint and records), 0 = none
 
 
 @dataclass
@@ -44,6 +46,7 @@ class JobSetup:
     workdir: str
     arm_overrides: dict  # the supple arm's overrides, with the replay corpus file resolved
     replay_note: str | None
+    keep_prefix: tuple[int, ...] = ()  # after these stages the baseline job keeps its model for branching arms
 
 
 def _strip_records(ev: dict) -> dict:
@@ -124,8 +127,11 @@ def _wants_cross(setup: JobSetup, arm_name: str) -> bool:
                for s in setup.stages)
 
 
-def run_job(setup: JobSetup, job: Job, tick: Callable[[int], None], base_model=None, tok=None) -> dict:
-    """Run one job; returns ``records``, ``measure_rows``, ``supple_configs`` and ``notes``."""
+def run_job(setup: JobSetup, job: Job, tick: Callable[[int], None], base_model=None, tok=None,
+            prefix_out: dict | None = None) -> dict:
+    """Run one job; returns ``records``, ``measure_rows``, ``supple_configs`` and ``notes``. A job with
+    ``branch = k`` needs ``prefix_out``, the baseline job of its seed, and starts from that job's checkpoint after
+    stage ``k`` (:mod:`supple.testbed.prefix`)."""
     import torch
     from transformers import set_seed
 
@@ -145,7 +151,14 @@ def run_job(setup: JobSetup, job: Job, tick: Callable[[int], None], base_model=N
     arm = ARM_TABLE[arm_name]
     model = copy.deepcopy(base_model)
     subspaces: dict = {}  # earlier LoRA stages' input subspaces (cross-stage decorrelation)
+    if job.branch:
+        if prefix_out is None:
+            raise ValueError(f"seed {seed} {arm_name}: branching after stage {job.branch} needs the baseline's job")
+        load_weights(model, prefix_path(setup, seed, job.branch))
+        out.update(branch_records(prefix_out, arm_name, job.branch))
     for i, stage in enumerate(setup.stages, start=1):
+        if i <= job.branch:
+            continue
         callbacks, stage_notes, used = _arm_callbacks(setup, arm_name, i, subspaces)
         callbacks.insert(0, _progress_callback(tick))
         if used is not None:
@@ -170,6 +183,8 @@ def run_job(setup: JobSetup, job: Job, tick: Callable[[int], None], base_model=N
         model.to(device)
         if cfg.save_models:
             _save_model(model, tok, os.path.join(cfg.save_models, f"seed{seed}", arm_name, stage.name))
+        elif arm_name == "baseline" and i in setup.keep_prefix:
+            _save_model(model, tok, prefix_path(setup, seed, i))
         last = i == len(setup.stages)
         parts = ("geometry", "tasks", "probe") if (last or budget.probe_every_stage) else ("geometry", "tasks")
         ev = evaluate(model, tok, plan, budget, seed, f"{arm_name}/{stage.name}", parts=parts, tick=tick)
@@ -211,28 +226,38 @@ def _worker_init(queue, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _worker_run(setup: JobSetup, job: Job) -> dict:
+def _worker_run(setup: JobSetup, job: Job, prefix_out: dict | None) -> dict:
     from .pipeline import _quiet
 
     with _quiet():
-        return run_job(setup, job, lambda n: _QUEUE.put(n))
+        return run_job(setup, job, lambda n: _QUEUE.put(n), prefix_out=prefix_out)
 
 
 def run_jobs(setup: JobSetup, jobs: list[Job], workers: int, threads: int, tick: Callable[[int], None],
-             describe: Callable[[str], None], on_done: Callable[[Job, dict], None] = lambda job, out: None) -> list[dict]:
+             describe: Callable[[str], None], on_done: Callable[[Job, dict], None] = lambda job, out: None,
+             finished: dict | None = None) -> list[dict]:
     """Run ``jobs`` (in order of the list) on ``workers`` spawned processes of ``threads`` torch threads each, or
     in this process when ``workers`` is 1. ``on_done(job, result)`` is called as each job finishes (the demo keeps
-    finished jobs on disk with it). Results come back in the order of ``jobs``."""
+    finished jobs on disk with it). A job that branches from its seed's baseline starts once that baseline has
+    finished, here or before (``finished``: results of earlier runs by (seed, arm)). Results come back in the
+    order of ``jobs``."""
     if not jobs:
         return []
+    known = dict(finished or {})
+
+    def prefix_of(job: Job) -> dict | None:
+        return known.get((job.seed, "baseline")) if job.branch else None
+
     if workers <= 1:
         base_model, tok, _ = _load(setup.cfg.model)
         results = []
-        for job in jobs:
+        for job in sorted(jobs, key=lambda j: j.branch > 0):  # baselines before the jobs that branch from them
             describe("base model" if job.seed is None else f"seed {job.seed} {job.arm}")
-            results.append(run_job(setup, job, tick, base_model, tok))
-            on_done(job, results[-1])
-        return results
+            out = run_job(setup, job, tick, base_model, tok, prefix_out=prefix_of(job))
+            known[(job.seed, job.arm)] = out
+            results.append(out)
+            on_done(job, out)
+        return [known[(j.seed, j.arm)] for j in jobs]
     import multiprocessing as mp
     import queue as queue_mod
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -241,18 +266,40 @@ def run_jobs(setup: JobSetup, jobs: list[Job], workers: int, threads: int, tick:
     q = ctx.Manager().Queue()
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                              initargs=(q, threads)) as pool:
-        futures = [pool.submit(_worker_run, setup, job) for job in jobs]
-        job_of = dict(zip(futures, jobs))
-        pending = set(futures)
+        waiting = list(jobs)
+        job_of: dict = {}
+        pending: set = set()
+        errors: list[BaseException] = []
         describe(f"{len(jobs)} jobs on {workers} workers")
-        while pending:
+        while waiting or pending:
+            # at most `workers` jobs in flight, so a branching job never waits in the pool's queue ahead of a
+            # baseline it does not need; a job is ready when it branches from nothing or from a finished baseline
+            for job in [j for j in waiting if not j.branch or (j.seed, "baseline") in known]:
+                if len(pending) >= workers:
+                    break
+                waiting.remove(job)
+                f = pool.submit(_worker_run, setup, job, prefix_of(job))
+                job_of[f] = job
+                pending.add(f)
+            if not pending:
+                if errors:  # what is still waiting branches from a baseline that failed
+                    break
+                missing = sorted({j.seed for j in waiting})
+                raise RuntimeError(f"jobs branch from baselines that no job runs (seeds {missing})")
             done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            for f in done:
-                if f.exception() is None:
-                    on_done(job_of[f], f.result())
+            for f in done:  # a failed job stops nothing else: what finishes is journaled, then the error is raised
+                job = job_of[f]
+                if f.exception() is not None:
+                    errors.append(f.exception())
+                    waiting = [j for j in waiting if not (j.branch and j.seed == job.seed and job.arm == "baseline")]
+                    continue
+                known[(job.seed, job.arm)] = f.result()
+                on_done(job, f.result())
             while True:
                 try:
                     tick(q.get_nowait())
                 except queue_mod.Empty:
                     break
-        return [f.result() for f in futures]
+        if errors:
+            raise errors[0]
+        return [known[(j.seed, j.arm)] for j in jobs]
