@@ -250,12 +250,15 @@ def run_jobs(setup: JobSetup, jobs: list[Job], workers: int, threads: int, tick:
 
     if workers <= 1:
         base_model, tok, _ = _load(setup.cfg.model)
-        results = []
-        for job in sorted(jobs, key=lambda j: j.branch > 0):  # baselines before the jobs that branch from them
+        queue = list(jobs)
+        while queue:  # in the order of the list; a job whose baseline comes later waits for it
+            job = next((j for j in queue if not j.branch or (j.seed, "baseline") in known), None)
+            if job is None:
+                raise RuntimeError(f"jobs branch from baselines that no job runs (seeds {sorted({j.seed for j in queue})})")
+            queue.remove(job)
             describe("base model" if job.seed is None else f"seed {job.seed} {job.arm}")
             out = run_job(setup, job, tick, base_model, tok, prefix_out=prefix_of(job))
             known[(job.seed, job.arm)] = out
-            results.append(out)
             on_done(job, out)
         return [known[(j.seed, j.arm)] for j in jobs]
     import multiprocessing as mp
