@@ -270,8 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     meta.setdefault("notes", []).append(
         f"probe {args.family} re-measured on the saved checkpoints: {args.steps} steps @ lr {args.lr:g}"
         + (f", warm-up {args.warmup}" if args.warmup else "") + (f", clip {args.clip:g}" if args.clip else "")
-        + (f", cool-down {args.cooldown}" if args.cooldown else "") + " "
-        "(benchmarks/reprobe_demo.py); the other probe families keep the run's own settings")
+        + (f", cool-down {args.cooldown}" if args.cooldown else "")
+        + ("" if args.base_only else f", {budget.probe_seeds} probe seeds per checkpoint") + " "
+        "(benchmarks/reprobe_demo.py); the other probe families keep the run's own settings (and the budget line "
+        "its probe seeds)")
     results["summary"] = summarize(results["records"])
     results["analysis"] = analyze(results)
     meta["files"] = write_outputs(results, measure_rows, args.out)

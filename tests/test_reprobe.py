@@ -49,6 +49,7 @@ def test_reprobe_replaces_one_family_only(demo, capsys):
     meta = after["meta"]["reprobe"]
     assert meta["family"] == family and meta["probe_steps"] == new_steps
     assert meta["probe_warmup"] == 2 and meta["probe_max_grad_norm"] == 1.0
+    assert any("re-measured" in n and "3 probe seeds per checkpoint" in n for n in after["meta"]["notes"])
     probed = [(a, b) for a, b in zip(before["records"], after["records"]) if family in (a.get("probes") or {})]
     assert probed and any(a["stage"] == "base" for a, _ in probed) and any(a["stage"] != "base" for a, _ in probed)
     for a, b in zip(before["records"], after["records"]):
