@@ -24,8 +24,13 @@ def _setup(arm_overrides=None, lora=False, n=3):
 def test_which_stages_an_arm_shares_with_the_baseline():
     off = {"sft:diversity_weight": 0, "sft:replay_data": None, "dpo:diversity_weight": 0, "dpo:replay_data": None}
     assert shared_stages(_setup(), "baseline") == 0
-    assert shared_stages(_setup(), "supple_last") == 2  # no callback before the last stage
-    assert shared_stages(_setup(lora=True), "supple_last") == 2
+    assert shared_stages(_setup(), "supple_last") == 2  # full fine-tuning: no LoRA subspaces to carry
+    # LoRA: its last stage's cross-stage decorrelation needs the earlier stages' update subspaces, which the
+    # baseline's job does not keep; without that term it shares again
+    assert shared_stages(_setup(lora=True), "supple_last") == 0
+    no_cross = {"decorrelation_cross_weight": 0, "sft:decorrelation_weight": 0, "dpo:decorrelation_weight": 0}
+    assert shared_stages(_setup({**no_cross, "sft:diversity_weight": 0, "sft:replay_data": None,
+                                 "dpo:diversity_weight": 0, "dpo:replay_data": None}, lora=True), "supple") == 2
     assert shared_stages(_setup(), "supple") == 0  # its terms act from the first stage
     assert shared_stages(_setup(off), "supple") == 2  # every term switched off in sft and dpo
     assert shared_stages(_setup({"sft:diversity_weight": 0, "sft:replay_data": None}), "supple") == 1
@@ -51,26 +56,32 @@ def _measured(res: dict, arm: str) -> dict:
     return out
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_a_branching_arm_equals_training_every_stage_again(tmp_path, workers):
+_LORA_LAST = ["--lora", "--supple", "decorrelation_cross_weight=0"] + [
+    f"--supple={st}:{f}" for st in ("sft", "dpo") for f in ("diversity_weight=0", "replay_data=None",
+                                                          "decorrelation_weight=0")]
+
+
+@pytest.mark.parametrize(("workers", "arm", "extra"), [(1, "supple_last", []), (2, "supple_last", []),
+                                                       (1, "supple", _LORA_LAST)])
+def test_a_branching_arm_equals_training_every_stage_again(tmp_path, workers, arm, extra):
     from supple.cli import main
 
     runs = {}
     for flag in ([], ["--no-share-prefix"]):
         out = tmp_path / f"demo{len(flag)}"
-        assert main([*_RUN, "--arms", "baseline,supple_last", "--workers", str(workers), "--out", str(out),
+        assert main([*_RUN, "--arms", f"baseline,{arm}", "--workers", str(workers), "--out", str(out), *extra,
                      *flag]) == 0
         runs[bool(flag)] = json.loads((out / "results.json").read_text())
     shared, full = runs[False], runs[True]
-    assert shared["meta"]["shared_prefix"] == {"supple_last": ["sft", "dpo"]}
+    assert shared["meta"]["shared_prefix"] == {arm: ["sft", "dpo"]}
     assert full["meta"]["shared_prefix"] == {}
-    assert _measured(shared, "supple_last") == _measured(full, "supple_last")
+    assert _measured(shared, arm) == _measured(full, arm)
     assert _measured(shared, "baseline") == _measured(full, "baseline")
     # the shared stages are marked, the branched stage is trained
-    trains = {r["stage"]: r["train"] for r in shared["records"] if r["arm"] == "supple_last" and r["train"]}
+    trains = {r["stage"]: r["train"] for r in shared["records"] if r["arm"] == arm and r["train"]}
     assert trains["sft"]["shared_with"] == "baseline" and trains["dpo"]["shared_with"] == "baseline"
     assert "shared_with" not in trains["sft2"]
-    assert _measured(shared, "supple_last")["sft2"] != _measured(shared, "baseline")["sft2"]  # supple acts there
+    assert _measured(shared, arm)["sft2"] != _measured(shared, "baseline")["sft2"]  # supple acts there
 
 
 def test_a_resumed_run_branches_from_a_saved_baseline(tmp_path):

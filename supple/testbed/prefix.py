@@ -17,11 +17,20 @@ import os
 from .settings import ARM_TABLE
 from .stages import overrides_for_stage, supple_arm_config
 
-__all__ = ["branch_records", "load_weights", "prefix_path", "shared_stages"]
+__all__ = ["branch_records", "load_weights", "prefix_path", "shared_stages", "wants_cross"]
 
 # SuppleConfig fields that change training when set (a weight above 0, a method, a replay corpus or a metric pass)
 _ACTIVE = ("diversity_weight", "decorrelation_weight", "decorrelation_cross_weight", "replay_data", "refresh_method",
            "metrics_every")
+
+
+def wants_cross(setup, arm_name: str) -> bool:
+    """Whether the arm uses cross-stage decorrelation (then every LoRA stage's update subspace is kept)."""
+    base = ARM_TABLE[arm_name].supple or {}
+    if arm_name != "supple":
+        return bool(base.get("decorrelation_cross_weight"))
+    return any({**base, **overrides_for_stage(setup.arm_overrides, s.name)}.get("decorrelation_cross_weight")
+               for s in setup.stages)
 
 
 def _plain_stage(setup, arm_name: str, i: int) -> bool:
@@ -42,8 +51,8 @@ def _plain_stage(setup, arm_name: str, i: int) -> bool:
 def shared_stages(setup, arm_name: str) -> int:
     """How many leading stages ``arm_name`` shares with the baseline (0 for the baseline itself, and at most all but
     the last stage: an arm equal to the baseline everywhere is still trained, as an A/A control)."""
-    if arm_name == "baseline":
-        return 0
+    if arm_name == "baseline" or (setup.cfg.lora and wants_cross(setup, arm_name)):
+        return 0  # a cross-stage term needs the update subspaces of the arm's own earlier LoRA stages
     k = 0
     while k < len(setup.stages) - 1 and _plain_stage(setup, arm_name, k + 1):
         k += 1

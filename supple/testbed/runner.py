@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .evaluation import EvalPlan, evaluate, load_testbed_model
-from .prefix import branch_records, load_weights, prefix_path
+from .prefix import branch_records, load_weights, prefix_path, wants_cross
 from .settings import ARM_TABLE
 from .stages import (
     STAGE_KINDS,
@@ -118,15 +118,6 @@ def _arm_callbacks(setup: JobSetup, arm_name: str, i: int, subspaces: dict) -> t
     return callbacks, notes, used
 
 
-def _wants_cross(setup: JobSetup, arm_name: str) -> bool:
-    """Whether the arm uses cross-stage decorrelation (then every LoRA stage's update subspace is kept)."""
-    base = ARM_TABLE[arm_name].supple or {}
-    if arm_name != "supple":
-        return bool(base.get("decorrelation_cross_weight"))
-    return any({**base, **overrides_for_stage(setup.arm_overrides, s.name)}.get("decorrelation_cross_weight")
-               for s in setup.stages)
-
-
 def run_job(setup: JobSetup, job: Job, tick: Callable[[int], None], base_model=None, tok=None,
             prefix_out: dict | None = None) -> dict:
     """Run one job; returns ``records``, ``measure_rows``, ``supple_configs`` and ``notes``. A job with
@@ -177,7 +168,7 @@ def run_job(setup: JobSetup, job: Job, tick: Callable[[int], None], base_model=N
         model = outcome.model
         _unpatch_forward(model.get_base_model() if hasattr(model, "get_base_model") else model)
         if cfg.lora:
-            if _wants_cross(setup, arm_name):
+            if wants_cross(setup, arm_name):
                 subspaces = lora_input_subspaces(model, subspaces)  # this stage's update directions
             model = model.merge_and_unload()
         model.to(device)
