@@ -15,22 +15,13 @@ import glob
 import os
 
 from .settings import ARM_TABLE
-from .stages import overrides_for_stage, supple_arm_config
+from .stages import arm_stage_config, wants_cross
 
-__all__ = ["branch_records", "load_weights", "prefix_path", "shared_stages", "wants_cross"]
+__all__ = ["branch_records", "load_weights", "prefix_path", "shared_stages"]
 
 # SuppleConfig fields that change training when set (a weight above 0, a method, a replay corpus or a metric pass)
 _ACTIVE = ("diversity_weight", "decorrelation_weight", "decorrelation_cross_weight", "replay_data", "refresh_method",
            "metrics_every")
-
-
-def wants_cross(setup, arm_name: str) -> bool:
-    """Whether the arm uses cross-stage decorrelation (then every LoRA stage's update subspace is kept)."""
-    base = ARM_TABLE[arm_name].supple or {}
-    if arm_name != "supple":
-        return bool(base.get("decorrelation_cross_weight"))
-    return any({**base, **overrides_for_stage(setup.arm_overrides, s.name)}.get("decorrelation_cross_weight")
-               for s in setup.stages)
 
 
 def _plain_stage(setup, arm_name: str, i: int) -> bool:
@@ -38,13 +29,10 @@ def _plain_stage(setup, arm_name: str, i: int) -> bool:
     arm = ARM_TABLE[arm_name]
     if arm.anchor_weight or (arm.boundary_refresh and i > 1):
         return False
-    if arm.supple is None or (arm.last_stage_only and i < len(setup.stages)):
+    scfg, _ = arm_stage_config(setup, arm_name, i, i > 1)  # i > 1: as if earlier LoRA subspaces were there,
+    # so a cross-stage term counts as active
+    if scfg is None:
         return True
-    overrides = setup.arm_overrides if arm_name == "supple" else {}
-    overrides = {k: v for k, v in overrides_for_stage(overrides, setup.stages[i - 1].name).items()
-                 if not k.startswith("_")}
-    scfg, _ = supple_arm_config(i, [], setup.cfg.lora, overrides, i > 1, base=dict(arm.supple))  # i > 1: as if
-    # earlier LoRA subspaces were there, so a cross-stage term counts as active
     return not any(getattr(scfg, f) for f in _ACTIVE)
 
 

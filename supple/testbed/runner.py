@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .evaluation import EvalPlan, evaluate, load_testbed_model
-from .prefix import branch_records, load_weights, prefix_path, wants_cross
+from .prefix import branch_records, load_weights, prefix_path
 from .settings import ARM_TABLE
 from .stages import (
     STAGE_KINDS,
@@ -20,9 +20,9 @@ from .stages import (
     StageContext,
     _supple_callback_class,
     _unpatch_forward,
+    arm_stage_config,
     lora_input_subspaces,
-    overrides_for_stage,
-    supple_arm_config,
+    wants_cross,
 )
 from .yardsticks import l2_anchor_callback, shrink_perturb_model
 
@@ -92,26 +92,16 @@ def _progress_callback(tick: Callable[[int], None]):
 def _arm_callbacks(setup: JobSetup, arm_name: str, i: int, subspaces: dict) -> tuple[list, list[str], dict | None]:
     """The callbacks one arm adds at stage ``i`` (1-based), notes, and the SuppleConfig used (as a dict)."""
     arm = ARM_TABLE[arm_name]
-    cfg = setup.cfg
     callbacks: list = []
-    notes: list[str] = []
     used = None
-    if arm.supple is not None and not (arm.last_stage_only and i < len(setup.stages)):
-        overrides = setup.arm_overrides if arm_name == "supple" else {}
-        replay_file = setup.arm_overrides.get("_replay_file")
-        base = dict(arm.supple)
-        overrides = {k: v for k, v in overrides_for_stage(overrides, setup.stages[i - 1].name).items()
-                     if not k.startswith("_")}
-        for fields in (base, overrides):  # the arm's builtin:pydoc and a --supple one alike, without leakage
-            if fields.get("replay_data") == "builtin:pydoc" and replay_file:
-                fields["replay_data"] = replay_file
-        scfg, notes = supple_arm_config(i, [], cfg.lora, overrides, bool(subspaces), base=base)
+    scfg, notes = arm_stage_config(setup, arm_name, i, bool(subspaces))
+    if scfg is not None:
         if setup.replay_note and scfg.replay_data:
             notes.append(setup.replay_note)
         objs = {"previous_subspaces": subspaces} if scfg.decorrelation_cross_weight > 0 else {}
         callbacks.append(_supple_callback_class()(scfg, **objs))
         used = asdict(scfg)
-        if scfg.replay_data and scfg.replay_data == replay_file:
+        if scfg.replay_data and scfg.replay_data == setup.arm_overrides.get("_replay_file"):
             used["replay_data"] = "builtin:pydoc (without the general-text measurement paragraphs)"
     if arm.anchor_weight:
         callbacks.append(l2_anchor_callback(arm.anchor_weight))
@@ -239,11 +229,14 @@ def run_jobs(setup: JobSetup, jobs: list[Job], workers: int, threads: int, tick:
     def prefix_of(job: Job) -> dict | None:
         return known.get((job.seed, "baseline")) if job.branch else None
 
+    def ready(job: Job) -> bool:  # branches from nothing, or from a baseline that has finished
+        return not job.branch or (job.seed, "baseline") in known
+
     if workers <= 1:
         base_model, tok, _ = _load(setup.cfg.model)
         queue = list(jobs)
         while queue:  # in the order of the list; a job whose baseline comes later waits for it
-            job = next((j for j in queue if not j.branch or (j.seed, "baseline") in known), None)
+            job = next((j for j in queue if ready(j)), None)
             if job is None:
                 raise RuntimeError(f"jobs branch from baselines that no job runs (seeds {sorted({j.seed for j in queue})})")
             queue.remove(job)
@@ -267,8 +260,8 @@ def run_jobs(setup: JobSetup, jobs: list[Job], workers: int, threads: int, tick:
         describe(f"{len(jobs)} jobs on {workers} workers")
         while waiting or pending:
             # at most `workers` jobs in flight, so a branching job never waits in the pool's queue ahead of a
-            # baseline it does not need; a job is ready when it branches from nothing or from a finished baseline
-            for job in [j for j in waiting if not j.branch or (j.seed, "baseline") in known]:
+            # baseline it does not need
+            for job in [j for j in waiting if ready(j)]:
                 if len(pending) >= workers:
                     break
                 waiting.remove(job)

@@ -13,6 +13,7 @@ from .preference import heldout_preference_metrics
 from .settings import (
     _LORA_FIELDS,
     _REPLAY_FIELDS,
+    ARM_TABLE,
     SUPPLE_ARM_DEFAULTS,
     Budget,
 )
@@ -310,6 +311,32 @@ def supple_arm_config(
             kw.pop(k, None)
         cfg = SuppleConfig(**kw)
     return cfg, notes
+
+
+def arm_stage_config(setup, arm_name: str, i: int, previous_subspaces: bool) -> tuple[Any, list[str]]:
+    """The SuppleConfig arm ``arm_name`` trains stage ``i`` (1-based) with, and notes; ``(None, [])`` where it adds
+    no supple callback there. ``setup``: the run's job setup (its stages, ``cfg.lora`` and the supple arm's
+    overrides, whose ``_replay_file`` stands in for ``builtin:pydoc``, without the measurement paragraphs)."""
+    arm = ARM_TABLE[arm_name]
+    if arm.supple is None or (arm.last_stage_only and i < len(setup.stages)):
+        return None, []
+    replay_file = setup.arm_overrides.get("_replay_file")
+    base = dict(arm.supple)
+    overrides = {k: v for k, v in overrides_for_stage(setup.arm_overrides if arm_name == "supple" else {},
+                                                      setup.stages[i - 1].name).items() if not k.startswith("_")}
+    for fields in (base, overrides):  # the arm's builtin:pydoc and a --supple one alike, without leakage
+        if fields.get("replay_data") == "builtin:pydoc" and replay_file:
+            fields["replay_data"] = replay_file
+    return supple_arm_config(i, [], setup.cfg.lora, overrides, previous_subspaces, base=base)
+
+
+def wants_cross(setup, arm_name: str) -> bool:
+    """Whether the arm uses cross-stage decorrelation (then every LoRA stage's update subspace is kept)."""
+    base = ARM_TABLE[arm_name].supple or {}
+    if arm_name != "supple":
+        return bool(base.get("decorrelation_cross_weight"))
+    return any({**base, **overrides_for_stage(setup.arm_overrides, s.name)}.get("decorrelation_cross_weight")
+               for s in setup.stages)
 
 
 def lora_input_subspaces(peft_model, previous: dict | None = None) -> dict:
