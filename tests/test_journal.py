@@ -29,7 +29,12 @@ def test_other_steps_and_lr_reuse_the_base_model_job_only(tmp_path, capsys):
     assert main(_argv(out)) == 0
     first, base = _lines(out), _base_record(out)
     assert [ln["arm"] for ln in first] == [None, "baseline"]
+    capsys.readouterr()
     assert main(_argv(out, "--resume", "--steps", "sft=3", "--lr", "sft=3e-3")) == 0
+    said = capsys.readouterr()
+    # the run says, before it starts, what it takes from the journal and what it runs
+    assert "resume: 1 finished job(s) taken from" in said.out + said.err
+    assert "(base model); 1 to run" in said.out + said.err
     after = _lines(out)
     # one new line, the baseline's: the base model was not evaluated again
     assert after[:2] == first and [(ln["seed"], ln["arm"]) for ln in after[2:]] == [(0, "baseline")]

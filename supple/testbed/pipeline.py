@@ -280,6 +280,11 @@ def run_demo(cfg: DemoConfig) -> dict:
                      f"{f' (base model {budget.probe_seeds_base})' if budget.probe_seeds_base else ''}; {budget.n_eval} held-out "
                      f"items per family; device {device}, {workers} worker process(es) x {run_threads} torch "
                      f"thread(s)")
+        if cfg.resume:
+            reused = [j for j in jobs if (j.seed, j.arm) in done]
+            names = ", ".join("base model" if j.seed is None else f"{j.arm} seed {j.seed}" for j in reused)
+            cfg.announce(f"resume: {len(reused)} finished job(s) taken from {journal.path}"
+                         f"{f' ({names})' if names else ''}; {len(todo)} to run")
         for a, k in shared.items():
             cfg.announce(f"arm {a} trains stage(s) {', '.join(s.name for s in stages[:k])} as the baseline does: it "
                          f"starts from the baseline's checkpoint after {stages[k - 1].name} (trained once; "
