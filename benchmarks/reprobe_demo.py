@@ -78,6 +78,15 @@ def _reuse_key(rec: dict) -> str:
     return "base model" if rec["stage"] == "base" else f"seed {rec['seed']} {rec['arm']} {rec['stage']}"
 
 
+def _seeds_kept(probe: dict | None) -> list[int] | None:
+    """The probe seeds whose per-seed values a probe record keeps, or None if it keeps none."""
+    from supple.testbed.evaluation import probe_seed_order
+
+    if not probe or "per_seed" not in probe:
+        return None
+    return probe_seed_order(probe)
+
+
 def _probe_differences(theirs, ours, family: str) -> list[str]:
     """The probe settings on ``family`` in which two budgets differ (the probe seeds aside)."""
     differ = [f"{k} {getattr(theirs, k)} vs {getattr(ours, k)}" for k in _SAME_PROBE
@@ -116,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="take the --family probe of every checkpoint (and the base model) that another re-probe's "
                     "results.json in DIR measured with these settings and probe seeds, matched by training seed, arm "
                     "and stage; probe only the rest (e.g. after adding an arm to a demo with --resume)")
+    ap.add_argument("--extend", action="store_true",
+                    help="where a checkpoint's own --family probe (in the demo's records) ran these settings under "
+                    "probe seeds 0..k-1, probe only seeds k.. and merge the two records (what one run of every seed "
+                    "writes); without it every probe seed is run again, which checks that the recorded ones reproduce")
     ap.add_argument("--arms", default=None, help="comma-separated arms to keep (default: all of the demo's)")
     ap.add_argument("--out", required=True, help="where to write the re-measured demo outputs")
     args = ap.parse_args(argv)
@@ -129,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--base-probe-seeds >= 1")
 
     from supple.testbed.analysis import analyze, shared_probe_seed_difference
+    from supple.testbed.evaluation import restrict_probe_seeds
     from supple.testbed.records import summarize
     from supple.testbed.report import read_measure_rows, write_outputs
     from supple.testbed.settings import Budget
@@ -173,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         extend = list(range(len(have), args.base_probe_seeds))
     reusable = _reusable(ap, args.reuse, args.family, budget) if args.reuse else {}
     reused: dict[str, dict] = {}  # spec -> the probe record taken from --reuse
+    own: dict[str, tuple[dict, list[int]]] = {}  # --extend: checkpoint -> (its recorded probe, the seeds to add)
+    if args.extend and _probe_differences(recorded, budget, args.family):
+        ap.error(f"--extend: the demo's {args.family} probe ran other settings "
+                 f"({', '.join(_probe_differences(recorded, budget, args.family))}); pass its own "
+                 "--steps/--lr/--eval-every/--warmup/--clip/--cooldown, or leave --extend out")
 
     # which checkpoint each probed record needs: the base model once, every probed (seed, arm, stage)
     specs: dict[int, str] = {}
@@ -192,10 +211,18 @@ def main(argv: list[str] | None = None) -> int:
             if args.family not in rec["probes"]:
                 ap.error(f"--base-only: the checkpoints have no {args.family} probe to keep; re-measure them too")
         else:
+            recorded_probe = (rec.get("probes") or {}).get(args.family)
+            have = _seeds_kept(recorded_probe) if args.extend else None
+            if have is not None and have == list(range(len(have))) and len(have) >= wanted:
+                specs[i] = f"<own> {_reuse_key(rec)}"  # it already ran every wanted seed: kept as recorded
+                reused[specs[i]] = restrict_probe_seeds(recorded_probe, list(range(wanted)))
+                continue
             path = os.path.join(args.models, f"seed{rec['seed']}", rec["arm"], rec["stage"])
             if not os.path.isdir(path):
                 ap.error(f"no checkpoint {path}: was the demo run with --save-models {args.models}?")
             specs[i] = path
+            if have and have == list(range(len(have))):
+                own[path] = (recorded_probe, list(range(len(have), wanted)))
     todo = [s for s in dict.fromkeys(specs.values()) if s not in reused]
     print(f"reprobe: {len(todo)} checkpoint(s), {args.family} {args.steps} steps @ {args.lr:g}, "
           + (f"base model only, {base_budget.probe_seeds} probe seeds" if args.base_only else
@@ -203,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; the base model's probe copied from {args.base_from}" if copied is not None and not extend else "")
           + (f"; the base model's probe from {args.base_from} extended by probe seeds {extend[0]}-{extend[-1]}"
              if extend else "")
-          + (f"; {len(reused)} record(s) reused from {args.reuse}" if reused else "")
+          + (f"; {len(reused)} record(s) reused from {args.reuse or 'the demo'}" if reused else "")
+          + (f"; {len(own)} checkpoint(s) extended from their recorded probe seeds" if own else "")
           + f", {args.workers} worker(s)", flush=True)
     from supple.testbed.evaluation import merge_probe_records, summarize_probe_runs
 
@@ -211,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         return base_budget if spec == base_spec else budget
 
     def seeds_of(spec: str) -> list[int]:
+        if spec in own:
+            return own[spec][1]
         return extend if spec == base_spec and extend else list(range(budget_of(spec).probe_seeds))
 
     jobs = [(spec, args.family, asdict(budget_of(spec)), seed, 1) for spec in todo for seed in seeds_of(spec)]
@@ -234,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "seconds": seconds[spec]}
                 if spec == base_spec and extend:
                     probed[spec] = merge_probe_records(copied, probed[spec])
+                elif spec in own:
+                    probed[spec] = merge_probe_records(own[spec][0], probed[spec])
                 print(f"  {spec}: final {probed[spec]['final_loss']:.3f} (noise {probed[spec]['final_loss_spread']:.3f}, "
                       f"{len(probed[spec]['seeds'])} probe seeds, {seconds[spec]:.0f} s)", flush=True)
 
@@ -259,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["reprobe"] = {"family": args.family, "probe_steps": args.steps, "probe_lr": args.lr,
                        "probe_seeds": budget.probe_seeds, "base_probe_seeds": base_budget.probe_seeds,
                        "base_only": args.base_only, "base_from": args.base_from, "base_extended_by": extend,
-                       "reuse": args.reuse, "reused": len(reused),
+                       "reuse": args.reuse, "reused": len(reused), "extended": len(own),
                        "base_reproduced_within": reproduced, "probe_rank": budget.probe_rank,
                        "probe_batch": budget.probe_batch, "probe_format": budget.probe_format,
                        "probe_warmup": budget.probe_warmup, "probe_max_grad_norm": budget.probe_max_grad_norm,

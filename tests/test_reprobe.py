@@ -420,3 +420,47 @@ def test_align_probes_tolerates_floating_point_noise_not_other_settings():
     assert any("agree within 1.0e-04" in n for n in notes)
     with pytest.raises(ValueError, match="differs by 0.01"):
         mod._align_probes([base([1.0, 2.0]), base([1.01, 2.0])])
+
+
+def test_reprobe_extend_probes_only_the_missing_seeds_of_each_checkpoint(demo, tmp_path, capsys):
+    """--extend: a checkpoint whose own probe ran these settings under probe seeds 0..k-1 is probed under seeds k..
+    only, and the merged record is the one a re-probe of every seed writes; a checkpoint that already ran every
+    wanted seed is not probed at all. Other settings are refused."""
+    root, out, models, before = demo
+    family = "word_codes"
+    steps, lr, every = 2, 1e-3, 1  # the smoke preset's word_codes settings, as the checkpoints ran them
+    assert before["meta"]["budget"]["probe_overrides"][family] == {"steps": steps, "lr": lr, "eval_every": every}
+    common = ["--demo", str(out), "--models", str(models), "--base", "tiny", "--family", family, "--steps", str(steps),
+              "--lr", str(lr), "--eval-every", str(every)]
+    probed = [r for r in before["records"] if r.get("probes") and r["stage"] != "base"]
+    k = len(probed[0]["probes"][family]["per_seed"]["final_loss"])
+    want = k + 2
+    ext, full = tmp_path / "ext", tmp_path / "full"
+    capsys.readouterr()
+    assert _load_reprobe().main([*common, "--probe-seeds", str(want), "--extend", "--out", str(ext)]) == 0
+    said = capsys.readouterr().out
+    assert f"{len(probed)} checkpoint(s) extended from their recorded probe seeds" in said
+    assert _load_reprobe().main([*common, "--probe-seeds", str(want), "--out", str(full)]) == 0
+    got, ref = (json.loads((d / "results.json").read_text()) for d in (ext, full))
+    assert got["meta"]["reprobe"]["extended"] == len(probed)
+    for g, f, b in zip(got["records"], ref["records"], before["records"]):
+        if g["stage"] == "base" or family not in (g.get("probes") or {}):
+            continue
+        mine, theirs = g["probes"][family], f["probes"][family]
+        assert mine["seeds"] == theirs["seeds"] == list(range(want))
+        assert mine["per_seed"]["final_loss"] == pytest.approx(theirs["per_seed"]["final_loss"], abs=1e-6)
+        # the recorded seeds are kept as the demo measured them, not probed again
+        assert mine["per_seed"]["final_loss"][:k] == b["probes"][family]["per_seed"]["final_loss"]
+        for key in ("final_loss", "start_loss", "area", "final_loss_spread"):
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-6), key
+    # as many probe seeds as recorded: nothing to probe but the base model
+    capsys.readouterr()
+    assert _load_reprobe().main([*common, "--probe-seeds", str(k), "--extend", "--out", str(tmp_path / "same")]) == 0
+    assert "reprobe: 1 checkpoint(s)" in capsys.readouterr().out
+    same = json.loads((tmp_path / "same" / "results.json").read_text())
+    for s, b in zip(same["records"], before["records"]):
+        if s["stage"] != "base" and family in (b.get("probes") or {}):
+            assert s["probes"][family]["per_seed"] == b["probes"][family]["per_seed"]
+    with pytest.raises(SystemExit):
+        _load_reprobe().main([*common, "--steps", str(steps + 1), "--extend", "--out", str(tmp_path / "bad")])
+    assert "--extend" in capsys.readouterr().err
