@@ -121,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="take the base model's --family probe from another demo's (or re-probe's) results.json in DIR "
                     "instead of probing it again; its probe settings must equal these. With more --base-probe-seeds "
                     "than it ran, only the missing probe seeds are probed and the two are merged")
-    ap.add_argument("--reuse", default=None, metavar="DIR",
+    ap.add_argument("--reuse", action="append", default=None, metavar="DIR",
                     help="take the --family probe of every checkpoint (and the base model) that another re-probe's "
                     "results.json in DIR measured with these settings and probe seeds, matched by training seed, arm "
-                    "and stage; probe only the rest (e.g. after adding an arm to a demo with --resume)")
+                    "and stage; probe only the rest (e.g. after adding an arm to a demo with --resume). May be given "
+                    "more than once (a later DIR's record of the same checkpoint wins)")
     ap.add_argument("--extend", action="store_true",
                     help="where a checkpoint's own --family probe (in the demo's records) ran these settings under "
                     "probe seeds 0..k-1, probe only seeds k.. and merge the two records (what one run of every seed "
@@ -185,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--base-probe-seeds {args.base_probe_seeds}: --base-from's base model ran {len(have)} probe "
                      f"seeds; pass at least {len(have)} (or leave it out to copy them)")
         extend = list(range(len(have), args.base_probe_seeds))
-    reusable = _reusable(ap, args.reuse, args.family, budget) if args.reuse else {}
+    reusable: dict[str, dict] = {}
+    for directory in args.reuse or []:  # a later DIR's record of the same checkpoint wins
+        reusable.update(_reusable(ap, directory, args.family, budget))
     reused: dict[str, dict] = {}  # spec -> the probe record taken from --reuse
     own: dict[str, tuple[dict, list[int]]] = {}  # --extend: checkpoint -> (its recorded probe, the seeds to add)
     if args.extend and _probe_differences(recorded, budget, args.family):
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; the base model's probe copied from {args.base_from}" if copied is not None and not extend else "")
           + (f"; the base model's probe from {args.base_from} extended by probe seeds {extend[0]}-{extend[-1]}"
              if extend else "")
-          + (f"; {len(reused)} record(s) reused from {args.reuse or 'the demo'}" if reused else "")
+          + (f"; {len(reused)} record(s) reused from {', '.join(args.reuse or ['the demo'])}" if reused else "")
           + (f"; {len(own)} checkpoint(s) extended from their recorded probe seeds" if own else "")
           + f", {args.workers} worker(s)", flush=True)
     from supple.testbed.evaluation import merge_probe_records, summarize_probe_runs

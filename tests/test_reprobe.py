@@ -266,6 +266,18 @@ def test_reprobe_reuse_probes_only_what_another_reprobe_lacks(demo, tmp_path, ca
         if g["arm"] == "baseline" or g["stage"] == "base":
             key = (g["seed"], "baseline", g["stage"])
             assert mine == old[key]["probes"][family]  # copied, not re-measured
+    # --reuse twice: the baseline's records from one re-probe, l2_anchor's from another; nothing left to probe
+    other = tmp_path / "other"
+    assert _load_reprobe().main([*common, "--arms", "l2_anchor", "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert _load_reprobe().main([*common, "--reuse", str(part), "--reuse", str(other), "--out",
+                                 str(tmp_path / "two")]) == 0
+    assert "reprobe: 0 checkpoint(s)" in capsys.readouterr().out
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    for t, f in zip(two["records"], ref["records"]):
+        if family in (t.get("probes") or {}):
+            assert t["probes"][family]["per_seed"]["final_loss"] == pytest.approx(
+                f["probes"][family]["per_seed"]["final_loss"])
     with pytest.raises(SystemExit):  # argparse keeps the last --lr
         _load_reprobe().main([*common, "--lr", "2e-3", "--reuse", str(part), "--out", str(tmp_path / "bad")])
     err = capsys.readouterr().err
