@@ -79,12 +79,13 @@ def _reuse_key(rec: dict) -> str:
 
 
 def _seeds_kept(probe: dict | None) -> list[int] | None:
-    """The probe seeds whose per-seed values a probe record keeps, or None if it keeps none."""
+    """The probe seeds 0..k-1 whose per-seed values a probe record keeps, or None if it keeps none or others."""
     from supple.testbed.evaluation import probe_seed_order
 
     if not probe or "per_seed" not in probe:
         return None
-    return probe_seed_order(probe)
+    have = probe_seed_order(probe)
+    return have if have == list(range(len(have))) else None
 
 
 def _probe_differences(theirs, ours, family: str) -> list[str]:
@@ -190,10 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     for directory in args.reuse or []:  # a later DIR's record of the same checkpoint wins
         reusable.update(_reusable(ap, directory, args.family, budget))
     reused: dict[str, dict] = {}  # spec -> the probe record taken from --reuse
-    own: dict[str, tuple[dict, list[int]]] = {}  # --extend: checkpoint -> (its recorded probe, the seeds to add)
-    if args.extend and _probe_differences(recorded, budget, args.family):
-        ap.error(f"--extend: the demo's {args.family} probe ran other settings "
-                 f"({', '.join(_probe_differences(recorded, budget, args.family))}); pass its own "
+    # a recorded probe extended by the probe seeds it lacks, then merged: spec -> (that record, the seeds to add);
+    # the base model's from --base-from with more --base-probe-seeds, and with --extend every checkpoint's own
+    own: dict[str, tuple[dict, list[int]]] = {base_spec: (copied, extend)} if extend else {}
+    differ = _probe_differences(recorded, budget, args.family) if args.extend else []
+    if differ:
+        ap.error(f"--extend: the demo's {args.family} probe ran other settings ({', '.join(differ)}); pass its own "
                  "--steps/--lr/--eval-every/--warmup/--clip/--cooldown, or leave --extend out")
 
     # which checkpoint each probed record needs: the base model once, every probed (seed, arm, stage)
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             recorded_probe = (rec.get("probes") or {}).get(args.family)
             have = _seeds_kept(recorded_probe) if args.extend else None
-            if have is not None and have == list(range(len(have))) and len(have) >= wanted:
+            if have is not None and len(have) >= wanted:
                 specs[i] = f"<own> {_reuse_key(rec)}"  # it already ran every wanted seed: kept as recorded
                 reused[specs[i]] = restrict_probe_seeds(recorded_probe, list(range(wanted)))
                 continue
@@ -224,9 +227,10 @@ def main(argv: list[str] | None = None) -> int:
             if not os.path.isdir(path):
                 ap.error(f"no checkpoint {path}: was the demo run with --save-models {args.models}?")
             specs[i] = path
-            if have and have == list(range(len(have))):
+            if have:
                 own[path] = (recorded_probe, list(range(len(have), wanted)))
     todo = [s for s in dict.fromkeys(specs.values()) if s not in reused]
+    n_own = len(own) - bool(extend)  # the checkpoints extended (--extend), the base model aside
     print(f"reprobe: {len(todo)} checkpoint(s), {args.family} {args.steps} steps @ {args.lr:g}, "
           + (f"base model only, {base_budget.probe_seeds} probe seeds" if args.base_only else
              f"{budget.probe_seeds} probe seeds (base model {base_budget.probe_seeds})")
@@ -234,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; the base model's probe from {args.base_from} extended by probe seeds {extend[0]}-{extend[-1]}"
              if extend else "")
           + (f"; {len(reused)} record(s) reused from {', '.join(args.reuse or ['the demo'])}" if reused else "")
-          + (f"; {len(own)} checkpoint(s) extended from their recorded probe seeds" if own else "")
+          + (f"; {n_own} checkpoint(s) extended from their recorded probe seeds" if n_own else "")
           + f", {args.workers} worker(s)", flush=True)
     from supple.testbed.evaluation import merge_probe_records, summarize_probe_runs
 
@@ -242,9 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         return base_budget if spec == base_spec else budget
 
     def seeds_of(spec: str) -> list[int]:
-        if spec in own:
-            return own[spec][1]
-        return extend if spec == base_spec and extend else list(range(budget_of(spec).probe_seeds))
+        return own[spec][1] if spec in own else list(range(budget_of(spec).probe_seeds))
 
     jobs = [(spec, args.family, asdict(budget_of(spec)), seed, 1) for spec in todo for seed in seeds_of(spec)]
     t0 = time.perf_counter()
@@ -265,9 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                 seeds = sorted(runs[spec])
                 probed[spec] = {**summarize_probe_runs(args.family, seeds, [runs[spec][k] for k in seeds]),
                                 "seconds": seconds[spec]}
-                if spec == base_spec and extend:
-                    probed[spec] = merge_probe_records(copied, probed[spec])
-                elif spec in own:
+                if spec in own:
                     probed[spec] = merge_probe_records(own[spec][0], probed[spec])
                 print(f"  {spec}: final {probed[spec]['final_loss']:.3f} (noise {probed[spec]['final_loss_spread']:.3f}, "
                       f"{len(probed[spec]['seeds'])} probe seeds, {seconds[spec]:.0f} s)", flush=True)
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["reprobe"] = {"family": args.family, "probe_steps": args.steps, "probe_lr": args.lr,
                        "probe_seeds": budget.probe_seeds, "base_probe_seeds": base_budget.probe_seeds,
                        "base_only": args.base_only, "base_from": args.base_from, "base_extended_by": extend,
-                       "reuse": args.reuse, "reused": len(reused), "extended": len(own),
+                       "reuse": args.reuse, "reused": len(reused), "extended": n_own,
                        "base_reproduced_within": reproduced, "probe_rank": budget.probe_rank,
                        "probe_batch": budget.probe_batch, "probe_format": budget.probe_format,
                        "probe_warmup": budget.probe_warmup, "probe_max_grad_norm": budget.probe_max_grad_norm,
