@@ -1,0 +1,46 @@
+"""benchmarks/self_replay_corpus.py: the self-generated chat replay corpus names nothing the OOD family asks about."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("_test_self_replay", REPO / "benchmarks" / "self_replay_corpus.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_prompts_drop_paragraphs_naming_knowledge_items_and_cut_long_ones():
+    mod = _module()
+    paras = ["A function returns a value to its caller.", "Lists are kept until Monday.",
+             "A module named Paris is imported.", "word " * 200]
+    prompts = mod.replay_prompts(paras, max_chars=50)
+    assert len(prompts) == 2  # the weekday and the capital are dropped
+    for msgs in prompts:
+        assert [m["role"] for m in msgs] == ["system", "user"]
+        assert msgs[0]["content"] == "Answer with the answer only."
+    assert "A function returns a value to its caller." in prompts[0][1]["content"]
+    passage = prompts[1][1]["content"].split("\n\n", 1)[1]
+    assert len(passage) <= 50 and passage.startswith("word word")
+
+
+def test_committed_corpus_is_chat_and_leaks_no_knowledge_question():
+    mod = _module()
+    from supple.testbed import tasks as T
+
+    questions = {ex.question for ex in T.get_family("knowledge").pool}
+    banned = mod.knowledge_words()
+    assert {"monday", "paris", "france", "december"} <= banned
+    rows = [json.loads(x)["messages"] for x in (REPO / "docs/demo/self_replay/smollm2_135m.jsonl").open()]
+    assert len(rows) >= 200
+    for msgs in rows:
+        assert [m["role"] for m in msgs] == ["system", "user", "assistant"] and msgs[2]["content"]
+        assert msgs[1]["content"] not in questions
+        assert not banned & {w.lower() for w in re.findall(r"[A-Za-z]+", msgs[1]["content"])}
