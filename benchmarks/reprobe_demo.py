@@ -231,9 +231,13 @@ def main(argv: list[str] | None = None) -> int:
                 own[path] = (recorded_probe, list(range(len(have), wanted)))
     todo = [s for s in dict.fromkeys(specs.values()) if s not in reused]
     n_own = len(own) - bool(extend)  # the checkpoints extended (--extend), the base model aside
+    # the base model's probe seeds as it ends up: a copied probe keeps its own count
+    from supple.testbed.evaluation import probe_seed_order
+
+    n_base = len(probe_seed_order(copied)) if copied is not None and not extend else base_budget.probe_seeds
     print(f"reprobe: {len(todo)} checkpoint(s), {args.family} {args.steps} steps @ {args.lr:g}, "
-          + (f"base model only, {base_budget.probe_seeds} probe seeds" if args.base_only else
-             f"{budget.probe_seeds} probe seeds (base model {base_budget.probe_seeds})")
+          + (f"base model only, {n_base} probe seeds" if args.base_only else
+             f"{budget.probe_seeds} probe seeds (base model {n_base})")
           + (f"; the base model's probe copied from {args.base_from}" if copied is not None and not extend else "")
           + (f"; the base model's probe from {args.base_from} extended by probe seeds {extend[0]}-{extend[-1]}"
              if extend else "")

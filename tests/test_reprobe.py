@@ -162,6 +162,7 @@ def test_reprobe_base_only_with_more_probe_seeds_then_base_from(demo, tmp_path, 
     # the base model's probe copied from that run into another
     dest2 = tmp_path / "copied"
     assert _load_reprobe().main(["--demo", str(out), *common, "--base-from", str(dest), "--out", str(dest2)]) == 0
+    assert "(base model 3)" in capsys.readouterr().out  # the copied probe's own count, not the default
     copied = json.loads((dest2 / "results.json").read_text())
     base_probe = next(r for r in copied["records"] if r["stage"] == "base")["probes"][family]
     assert base_probe["seeds"] == [0, 1, 2]
@@ -169,7 +170,8 @@ def test_reprobe_base_only_with_more_probe_seeds_then_base_from(demo, tmp_path, 
     dest3 = tmp_path / "spliced"
     assert _load_reprobe().main(["--demo", str(out), *common, "--base-only", "--base-from", str(dest), "--out",
                                  str(dest3)]) == 0
-    assert "0 checkpoint(s)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "0 checkpoint(s)" in printed and "base model only, 3 probe seeds" in printed
     spliced = json.loads((dest3 / "results.json").read_text())
     for a, b in zip(after["records"], spliced["records"]):
         assert a.get("probes") == b.get("probes")
