@@ -174,11 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         budget = replace(budget, probe_seeds=args.probe_seeds)
     base_budget = replace(budget, probe_seeds=args.base_probe_seeds) if args.base_probe_seeds else budget.for_base_model()
     base_spec = args.base or meta.get("model_spec") or "embedded"
+    from supple.testbed.evaluation import probe_seed_order
+
     copied = _base_from(ap, args.base_from, args.family, base_budget) if args.base_from else None
     extend: list[int] = []  # base-model probe seeds to add to the copied ones
     if copied is not None and args.base_probe_seeds:
-        from supple.testbed.evaluation import probe_seed_order
-
         have = probe_seed_order(copied)
         if have != list(range(len(have))):
             ap.error(f"--base-from: its base-model probe ran probe seeds {have}, not 0..{len(have) - 1}; "
@@ -232,8 +232,6 @@ def main(argv: list[str] | None = None) -> int:
     todo = [s for s in dict.fromkeys(specs.values()) if s not in reused]
     n_own = len(own) - bool(extend)  # the checkpoints extended (--extend), the base model aside
     # the base model's probe seeds as it ends up: a copied probe keeps its own count
-    from supple.testbed.evaluation import probe_seed_order
-
     n_base = len(probe_seed_order(copied)) if copied is not None and not extend else base_budget.probe_seeds
     print(f"reprobe: {len(todo)} checkpoint(s), {args.family} {args.steps} steps @ {args.lr:g}, "
           + (f"base model only, {n_base} probe seeds" if args.base_only else

@@ -6,19 +6,18 @@ benchmarks/probe_noise.py's fixed-pool mode, and benchmarks/demo_step_cost.py (t
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from .benchmark_module import load_benchmark
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_overhead_anchored_config_reports_its_reference(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("_test_overhead", REPO / "benchmarks" / "overhead.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("overhead", "_test_overhead")
     assert mod.main(["--configs", "baseline,diversity,anchored", "--reps", "2", "--block", "2", "--warmup", "1",
                      "--mem-steps", "0", "--own-reps", "3", "--out", str(tmp_path), "--tag", "t"]) == 0
     rows = {r["config"]: r for r in csv.DictReader((tmp_path / "overhead_tiny_t.csv").open())}
@@ -31,9 +30,7 @@ def test_overhead_anchored_config_reports_its_reference(tmp_path, capsys):
 
 
 def test_probe_noise_fixed_pool_keeps_the_items_and_varies_the_trajectory(tmp_path):
-    spec = importlib.util.spec_from_file_location("_probe_noise", REPO / "benchmarks" / "probe_noise.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("probe_noise", "_probe_noise")
     out = tmp_path / "rows.jsonl"
     common = ["--model", "tiny", "--n", "4", "--steps", "2", "--seeds", "0", "1", "--out", str(out)]
     assert mod.main([*common, "--fixed-pool", "0", "--tag", "fixed"]) == 0
@@ -50,9 +47,7 @@ def test_probe_noise_fixed_pool_keeps_the_items_and_varies_the_trajectory(tmp_pa
 def test_probe_noise_summary_reads_final_and_tail_loss_per_tag(tmp_path, capsys):
     """--summary: per (tag, model) the mean and sd of the final loss and of the tail loss, the mean of the
     evaluations at step >= steps/2 (the script evaluates every 20 steps and at the end)."""
-    spec = importlib.util.spec_from_file_location("_probe_noise_s", REPO / "benchmarks" / "probe_noise.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("probe_noise", "_probe_noise_s")
     rows = tmp_path / "rows.jsonl"
     # 50 steps: evaluations at 0, 20, 40, 50; the tail is steps 40 and 50
     rows.write_text("\n".join(json.dumps(dict(tag="a", model="m", steps=50, final=f, eval=[9.0, 5.0, t, f]))
@@ -68,9 +63,7 @@ def test_probe_noise_by_step_reads_each_horizon_of_longer_runs(tmp_path, capsys)
     """--by-step: at every evaluation step (not 0), the base model's mean and sd over its runs, the other models'
     pooled, their gap and the gap over the base model's sd; a cooled-down run is left out (its curve is not a
     shorter run's), and a tag without both kinds of model is refused in one line."""
-    spec = importlib.util.spec_from_file_location("_probe_noise_b", REPO / "benchmarks" / "probe_noise.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("probe_noise", "_probe_noise_b")
     rows = tmp_path / "rows.jsonl"
     # 40 steps: evaluations at 0, 20, 40
     runs = [("embedded", [9.0, 3.0, 1.0], 0), ("embedded", [9.0, 5.0, 2.0], 0), ("ck/a", [9.0, 4.0, 3.0], 0),
@@ -92,9 +85,7 @@ def test_probe_noise_by_step_reads_each_horizon_of_longer_runs(tmp_path, capsys)
 
 
 def _load_step_cost():
-    spec = importlib.util.spec_from_file_location("_demo_step_cost", REPO / "benchmarks" / "demo_step_cost.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("demo_step_cost", "_demo_step_cost")
     return mod
 
 
@@ -157,9 +148,7 @@ def _rec(seed, stage, idx, losses, acc, margin=None, probe=None, third_probe_see
 def test_compare_reruns_finds_the_first_divergent_step_and_the_last_stage_spread(tmp_path, capsys):
     """Two constructed runs: stage sft equal at every step, stage dpo apart from step 3 on; the report names the
     step, each metric's values and the largest |B - A| at the last stage over seeds."""
-    spec = importlib.util.spec_from_file_location("_test_compare_reruns", REPO / "benchmarks" / "compare_reruns.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("compare_reruns", "_test_compare_reruns")
     a = {"records": [_rec(0, "sft", 1, [3.0, 2.0, 1.0], 0.5), _rec(0, "dpo", 2, [0.7, 0.6, 0.5], 0.5, 0.9, 2.0),
                      _rec(1, "dpo", 2, [0.7, 0.6, 0.5], 0.25, 0.8, 2.2)]}
     b = {"records": [_rec(0, "sft", 1, [3.0, 2.0, 1.0], 0.5), _rec(0, "dpo", 2, [0.7, 0.6, 0.5 + 1e-6], 0.25, 0.6, 2.5,

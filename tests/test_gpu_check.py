@@ -6,7 +6,6 @@ not leak into this test process (tests/test_kernels_triton.py has the same const
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from .benchmark_module import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
@@ -109,13 +110,7 @@ def test_time_budget_skips_what_does_not_fit(tmp_path):
 def bench(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
 
-    def load(name: str):
-        spec = importlib.util.spec_from_file_location(f"_test_{name}", REPO / "benchmarks" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-    return load
+    return load_benchmark
 
 
 def test_peak_bandwidth_table(bench):

@@ -7,19 +7,18 @@ and the other probe families stay exactly as the demo wrote them.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from .benchmark_module import load_benchmark
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _load_reprobe():
-    spec = importlib.util.spec_from_file_location("_test_reprobe_demo", REPO / "benchmarks" / "reprobe_demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("reprobe_demo", "_test_reprobe_demo")
     return mod
 
 
@@ -117,9 +116,7 @@ def test_reprobe_adds_a_family_the_demo_did_not_probe(demo, tmp_path):
 def test_reanalyze_redoes_the_statistics_and_keeps_the_records(demo, tmp_path, capsys):
     """benchmarks/reanalyze_demo.py: the records are read back untouched; the analysis is this version's."""
     root, out, models, before = demo
-    spec = importlib.util.spec_from_file_location("_test_reanalyze", REPO / "benchmarks" / "reanalyze_demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("reanalyze_demo", "_test_reanalyze")
     stale = json.loads((out / "results.json").read_text())
     stale["analysis"] = {"stale": True}
     old = tmp_path / "old"
@@ -211,9 +208,7 @@ def test_reanalyze_pools_runs_on_disjoint_seeds(demo, tmp_path, capsys):
     other = tmp_path / "seed1"
     assert main(["demo", "--model", "tiny", "--preset", "smoke", "--arms", "baseline,l2_anchor", "--seeds", "1",
                  "--seed-offset", "1", "--out", str(other), "--no-progress"]) == 0
-    spec = importlib.util.spec_from_file_location("_test_reanalyze_pool", REPO / "benchmarks" / "reanalyze_demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("reanalyze_demo", "_test_reanalyze_pool")
     pooled = tmp_path / "pooled"
     assert mod.main([str(out), "--with", str(other), "--out", str(pooled)]) == 0
     res = json.loads((pooled / "results.json").read_text())
@@ -291,9 +286,7 @@ def test_reanalyze_metric_tail_loss_reads_the_tail_where_the_final_loss_was(demo
     is computed from them, and a note says so; without --out, or on a record that did not keep the tail per probe
     seed, it is refused."""
     _, out, _, before = demo
-    spec = importlib.util.spec_from_file_location("_test_reanalyze_m", REPO / "benchmarks" / "reanalyze_demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("reanalyze_demo", "_test_reanalyze_m")
     assert mod.main([str(out), "--metric", "tail_loss", "--out", str(tmp_path / "tail")]) == 0
     after = json.loads((tmp_path / "tail" / "results.json").read_text())
     for a, b in zip(before["records"], after["records"]):
@@ -336,9 +329,7 @@ def test_reanalyze_metric_tail_loss_reads_the_tail_where_the_final_loss_was(demo
 def test_reanalyze_pool_keeps_the_probe_seeds_every_checkpoint_ran():
     """Pooling a re-probe (probe seeds 0-3) with a run (0-1): each checkpoint keeps seeds 0-1, its means, spread
     and curve recomputed from them; the base model keeps its own; one seed in common is refused."""
-    spec = importlib.util.spec_from_file_location("_test_reanalyze_shared", REPO / "benchmarks" / "reanalyze_demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("reanalyze_demo", "_test_reanalyze_shared")
 
     def probe(seeds, finals):
         return {"family": "f", "seeds": seeds, "final_loss": sum(finals) / len(finals), "start_loss": 9.0,
@@ -371,9 +362,7 @@ def test_reanalyze_joins_an_arm_run_alone_on_the_same_seeds(demo, tmp_path, caps
     other = tmp_path / "supple_alone"
     assert main(["demo", "--model", "tiny", "--preset", "smoke", "--arms", "supple", "--seeds", "2",
                  "--supple", "replay_every=2", "--out", str(other), "--no-progress"]) == 0
-    spec = importlib.util.spec_from_file_location("_test_reanalyze_join", REPO / "benchmarks" / "reanalyze_demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("reanalyze_demo", "_test_reanalyze_join")
     joined = tmp_path / "joined"
     assert mod.main([str(out), "--arms", "baseline", "--join", str(other), "--out", str(joined)]) == 0
     res = json.loads((joined / "results.json").read_text())
@@ -419,9 +408,7 @@ def test_reanalyze_joins_an_arm_run_alone_on_the_same_seeds(demo, tmp_path, caps
 def test_align_probes_tolerates_floating_point_noise_not_other_settings():
     """Base-model probes of two runs under one probe seed: 1e-4 apart (another session) is the same setup and is
     noted; 0.01 apart is refused. The probe with more probe seeds is kept for every base record."""
-    spec = importlib.util.spec_from_file_location("_test_reanalyze_align", REPO / "benchmarks" / "reanalyze_demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("reanalyze_demo", "_test_reanalyze_align")
 
     def base(finals):
         return {"stage": "base", "probes": {"f": {"family": "f", "seeds": list(range(len(finals))),

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from .benchmark_module import REPO, load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("_test_self_replay", REPO / "benchmarks" / "self_replay_corpus.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("self_replay_corpus")
 
 
 def test_prompts_drop_paragraphs_naming_knowledge_items_and_cut_long_ones():
