@@ -39,3 +39,38 @@ def test_committed_corpus_is_chat_and_leaks_no_knowledge_question():
         assert [m["role"] for m in msgs] == ["system", "user", "assistant"] and msgs[2]["content"]
         assert msgs[1]["content"] not in questions
         assert not banned & {w.lower() for w in re.findall(r"[A-Za-z]+", msgs[1]["content"])}
+
+
+def test_general_questions_ask_in_none_of_the_knowledge_forms():
+    mod = _module()
+    from supple.testbed import tasks as T
+
+    prompts = mod.question_prompts()
+    assert len(prompts) >= 150
+    asked = [m[1]["content"] for m in prompts]
+    assert len(set(asked)) == len(asked)
+    stems = {" ".join(ex.question.split()[:3]) for ex in T.get_family("knowledge").pool}
+    assert {"What is the", "Which day comes"} <= stems  # the forms below are the family's own
+    for q in asked:
+        assert not any(w in q.lower() for w in ("capital", "opposite", "plural", "comes after")), q
+
+
+def test_question_filter_drops_knowledge_items_and_forms(monkeypatch):
+    mod = _module()
+    monkeypatch.setattr(mod, "_QUESTIONS", (("What color is {}?", ("grass", "Paris")),
+                                            ("Which season comes after {}?", ("winter",)),
+                                            ("Who was born on a {}?", ("Monday", "farm"))))
+    assert [m[1]["content"] for m in mod.question_prompts()] == ["What color is grass?", "Who was born on a farm?"]
+
+
+def test_committed_question_corpus_leaks_no_knowledge_item():
+    mod = _module()
+    banned = mod.knowledge_words()
+    path = REPO / "docs/demo/self_replay/smollm2_135m_questions.jsonl"
+    rows = [json.loads(x)["messages"] for x in path.open()]
+    assert len(rows) >= 150
+    for msgs in rows:
+        assert [m["role"] for m in msgs] == ["system", "user", "assistant"] and msgs[2]["content"]
+        text = msgs[1]["content"] + " " + msgs[2]["content"]
+        assert not banned & {w.lower() for w in re.findall(r"[A-Za-z]+", text)}
+        assert not mod.EVAL_TEMPLATE.search(msgs[1]["content"])
