@@ -103,8 +103,10 @@ def answer_sequence(tok, ex, answer: str, max_length: int) -> tuple[list[int], i
     return f_ids[:max_length], min(len(p_ids), max_length)
 
 
-def task_metrics(model, tok, family: str, n: int, batch_size: int = 16, max_length: int = 128) -> dict:
-    """Held-out accuracy (greedy generation, checked), answer-token loss and ECE (teacher-forced) of a family."""
+def task_metrics(model, tok, family: str, n: int, batch_size: int = 16, max_length: int = 128,
+                 keep_examples: int = 3) -> dict:
+    """Held-out accuracy (greedy generation, checked), answer-token loss and ECE (teacher-forced) of a family;
+    ``examples`` holds the first ``keep_examples`` questions with their gold answer and generated output."""
     import torch
     from transformers import GenerationConfig
 
@@ -162,7 +164,8 @@ def task_metrics(model, tok, family: str, n: int, batch_size: int = 16, max_leng
         "answer_ce": float(nll_t.double().mean()) if nll_t.numel() else float("nan"),
         "token_acc": float(corr_t.double().mean()) if corr_t.numel() else float("nan"),
         "ece": float(expected_calibration_error(conf_t, corr_t)),
-        "examples": [{"q": ex.question, "gold": ex.answer, "out": o} for ex, o in list(zip(examples, outputs))[:3]],
+        "examples": [{"q": ex.question, "gold": ex.answer, "out": o, "correct": c}
+                     for ex, o, c in list(zip(examples, outputs, correct))[:keep_examples]],
         "_conf": conf_t,
         "_corr": corr_t,
     }
