@@ -89,6 +89,11 @@ def knowledge_words() -> set[str]:
     return words - {"what", "which"}
 
 
+def names_any(text: str, words: set[str]) -> bool:
+    """Whether ``text`` holds one of the lower-cased ``words`` as a whole word (case-insensitive)."""
+    return bool(words & {w.lower() for w in re.findall(r"[A-Za-z]+", text)})
+
+
 def replay_prompts(paragraphs: list[str], max_chars: int = 300) -> list[list[dict]]:
     """One chat prompt (system, user) per paragraph that names nothing of the ``knowledge`` family."""
     from supple.testbed import tasks as T
@@ -96,7 +101,7 @@ def replay_prompts(paragraphs: list[str], max_chars: int = 300) -> list[list[dic
     banned = knowledge_words()
     out = []
     for i, p in enumerate(paragraphs):
-        if banned & {w.lower() for w in re.findall(r"[A-Za-z]+", p)}:
+        if names_any(p, banned):
             continue
         text = p[:max_chars].rsplit(" ", 1)[0] if len(p) > max_chars else p
         out.append([{"role": "system", "content": T.SYSTEM_PROMPT},
@@ -114,7 +119,7 @@ def question_prompts() -> list[list[dict]]:
     for form, fills in _QUESTIONS:
         for f in fills:
             q = form.format(f)
-            if EVAL_TEMPLATE.search(q) or banned & {w.lower() for w in re.findall(r"[A-Za-z]+", q)}:
+            if EVAL_TEMPLATE.search(q) or names_any(q, banned):
                 continue
             out.append([{"role": "system", "content": T.SYSTEM_PROMPT}, {"role": "user", "content": q}])
     return out
@@ -171,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             answers = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             for m, a in zip(chunk, answers):
                 conv = [*m, {"role": "assistant", "content": a.strip()}]
-                named = banned & {w.lower() for w in re.findall(r"[A-Za-z]+", a)}
-                if a.strip() and not named and len(tokenize_replay_item(conv, tok, 10**6)) <= args.max_tokens:
+                if a.strip() and not names_any(a, banned) and len(tokenize_replay_item(conv, tok, 10**6)) <= args.max_tokens:
                     rows.append(conv)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as fh:
